@@ -1,0 +1,23 @@
+"""jaxmoe: a fused Mixture-of-Experts layer for JAX, with kernels written in Triton."""
+
+from jaxmoe import linen
+from jaxmoe import reference
+from jaxmoe.api import IMPLEMENTATIONS, expert_ffn, moe, resolve_implementation
+from jaxmoe.layers import MoELayer
+from jaxmoe.reference import MoEAux
+from jaxmoe.routing import Routing, route
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "MoEAux",
+    "MoELayer",
+    "Routing",
+    "expert_ffn",
+    "linen",
+    "moe",
+    "reference",
+    "resolve_implementation",
+    "route",
+]

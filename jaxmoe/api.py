@@ -1,0 +1,89 @@
+"""The public functions: they check arguments and pick an implementation."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jaxmoe import _validate, reference
+from jaxmoe.routing import route
+
+IMPLEMENTATIONS = ("xla", "triton", "interpret")
+
+
+@functools.cache
+def _triton_gpu_available() -> bool:
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        import jax_triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_implementation(implementation: str | None) -> str:
+    """None picks "triton" on a GPU with jax-triton, else "xla"."""
+    if implementation is None:
+        return "triton" if _triton_gpu_available() else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "triton" and not _triton_gpu_available():
+        raise ValueError("implementation='triton' needs a GPU backend and jax-triton; "
+                         "use 'interpret' to run the same kernels on CPU, or 'xla'")
+    return implementation
+
+
+def _stages(implementation: str | None):
+    """(route_fn, expert_ffn_fn) for an implementation, both with the reference signatures."""
+    impl = resolve_implementation(implementation)
+    if impl == "xla":
+        return route, reference.grouped_expert_ffn
+    from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
+
+    return functools.partial(ops.route, mode=impl), functools.partial(ops.expert_ffn, mode=impl)
+
+
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | None = None):
+    """Runs each token through its top-k experts and sums the weighted results.
+
+    y[t] = sum_j weights[t, j] * ((silu(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e]), e = ids[t, j].
+
+    Args:
+      x: [T, d] float32, bfloat16 or float16.
+      weights: [T, k] routing weights.
+      ids: [T, k] integer expert ids in [0, E). Under jit, ids outside that range contribute zero.
+      w_gate, w_up: [E, d, f] in x's dtype.
+      w_down: [E, f, d] in x's dtype.
+      implementation: None (auto: "triton" on a GPU, else "xla"), "xla" (jax.lax), "triton" (fused
+        Triton kernels through jax-triton) or "interpret" (the same kernels in Triton's interpreter, CPU).
+
+    Returns:
+      y: [T, d] in x's dtype, differentiable with respect to x, weights and the three expert weights.
+      Differentiating "triton" or "interpret" runs the jax.lax reference's VJP for now: the gradient
+      is exact, only slower, and the forward stays fused.
+    """
+    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
+    _, expert_ffn_fn = _stages(implementation)
+    return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down)
+
+
+def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "softmax",
+        renormalize: bool = True, bias=None, implementation: str | None = None):
+    """The whole routed MoE layer: router matmul, top-k routing, expert FFN, weighted combine.
+
+    Args:
+      x: [..., d]; leading dims are flattened to tokens and restored.
+      router_weight: [d, E]; logits = x @ router_weight, in float32.
+      w_gate, w_up, w_down: expert weights as in `expert_ffn`.
+      top_k, scoring, renormalize, bias: as in `jaxmoe.route`.
+      implementation: as in `expert_ffn`.
+
+    Returns:
+      (y [..., d] in x's dtype, MoEAux).
+    """
+    route_fn, expert_ffn_fn = _stages(implementation)
+    return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
+                                  renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                  expert_ffn_fn=expert_ffn_fn)

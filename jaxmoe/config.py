@@ -1,0 +1,104 @@
+"""Launch configurations for the grouped GEMMs: a checked-in table, then a heuristic.
+
+A config is chosen at trace time from static facts only (device kind, dtype, E, d, f and a bucket of
+the average rows per expert, T*k/E), so the first call never stalls on autotuning and the same
+shapes always run the same kernels, which keeps results bitwise reproducible.
+
+`tuned_configs.json` is written by `python -m benchmarks.tune` on the GPU; keys are
+"<device>/<dtype>/E<E>/d<d>/f<f>/m<bucket>".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+
+TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """block_m is shared by both GEMMs because they read the same block-to-expert map."""
+
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MoEConfig":
+        return cls(data["block_m"], GemmConfig(**data["gate_up"]), GemmConfig(**data["down"]))
+
+
+def rows_bucket(n_tokens: int, top_k: int, num_experts: int) -> int:
+    """Average rows per expert, rounded up to a power of two (1 .. 4096)."""
+    average = max(1, math.ceil(n_tokens * top_k / num_experts))
+    return min(4096, 1 << (average - 1).bit_length())
+
+
+def device_key(device_kind: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; other cards keep a lowercased, dash-joined name."""
+    kind = device_kind.lower()
+    for known in ("h200", "h100", "a100", "mi300x", "mi325x"):
+        if known in kind:
+            return known
+    return "-".join(kind.split())
+
+
+def table_key(device: str, dtype: str, E: int, d: int, f: int, bucket: int) -> str:
+    return f"{device}/{dtype}/E{E}/d{d}/f{f}/m{bucket}"
+
+
+@functools.cache
+def _table() -> dict[str, MoEConfig]:
+    if not TABLE_PATH.exists():
+        return {}
+    return {key: MoEConfig.from_json(value) for key, value in json.loads(TABLE_PATH.read_text()).items()}
+
+
+def heuristic(bucket: int, dtype: str, d: int, f: int) -> MoEConfig:
+    """A reasonable config for shapes and cards the table has not seen.
+
+    Few rows per expert: the GEMMs stream weights, so small BLOCK_M (little padding) and deep K
+    tiles keep many bytes in flight. Many rows: large square-ish tiles for tensor-core throughput.
+    """
+    if bucket <= 16:
+        block_m, gemm = 16, GemmConfig(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    elif bucket <= 32:
+        block_m, gemm = 32, GemmConfig(block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
+    elif bucket <= 128:
+        block_m, gemm = 64, GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    else:
+        block_m, gemm = 128, GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    if dtype == "float32":  # twice the bytes per element: halve the K tile to fit shared memory
+        gemm = dataclasses.replace(gemm, block_k=max(32, gemm.block_k // 2), num_stages=min(gemm.num_stages, 3))
+    return MoEConfig(block_m, gemm, gemm)
+
+
+def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int) -> MoEConfig:
+    bucket = rows_bucket(n_tokens, top_k, E)
+    tuned = _table().get(table_key(device_key(device_kind), dtype, E, d, f, bucket))
+    return tuned if tuned is not None else heuristic(bucket, dtype, d, f)
+
+
+def shipped_configs() -> list[MoEConfig]:
+    """Every distinct config this package can pick: the table's and the heuristic's (for the gate)."""
+    configs = set(_table().values())
+    for bucket in (1, 16, 32, 64, 128, 4096):
+        for dtype in ("bfloat16", "float16", "float32"):
+            configs.add(heuristic(bucket, dtype, 128, 128))
+    return sorted(configs, key=lambda c: json.dumps(c.to_json(), sort_keys=True))

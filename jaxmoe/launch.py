@@ -1,0 +1,53 @@
+"""The one place where a kernel launch turns into either a jax-triton call or an interpreter run.
+
+Everything upstream (grids, configs, strides, scalars) is computed once in ops.py for both modes;
+only this final step differs. Kernel parameters follow jax-triton's order: inputs (arrays and int
+scalars, positionally), then one pointer per output, then constexprs by keyword.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxmoe import _interpret
+
+
+@functools.cache
+def _jax_triton():
+    import jax_triton
+
+    # jax-triton 0.3.x names the outputs `out_shape`; 0.4.x renamed it `out_type`.
+    params = inspect.signature(jax_triton.triton_call).parameters
+    return jax_triton, "out_type" if "out_type" in params else "out_shape"
+
+
+def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeDtypeStruct], mode: str,
+           num_warps: int = 4, num_stages: int = 2, **constexprs) -> list[jax.Array]:
+    """Launches `kernel` over `grid`; returns one array per entry of out_shapes."""
+    out_shapes = list(out_shapes)
+    if mode == "triton":
+        jt, out_keyword = _jax_triton()
+        outs = jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
+                              **{out_keyword: out_shapes}, **constexprs)
+        return list(outs)
+    if mode == "interpret":
+        return _launch_interpreted(kernel, args, grid, out_shapes, constexprs)
+    raise ValueError(f"unknown launch mode {mode!r}")
+
+
+def _launch_interpreted(kernel, args, grid, out_shapes, constexprs):
+    array_slots = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+    def on_host(*arrays):
+        full_args = list(args)
+        for slot, array in zip(array_slots, arrays):
+            full_args[slot] = np.asarray(array)
+        return _interpret.run_interpreted(kernel, grid, full_args, out_shapes, constexprs)
+
+    outs = jax.pure_callback(on_host, out_shapes, *[args[i] for i in array_slots])
+    return list(outs)

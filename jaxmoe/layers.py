@@ -1,0 +1,167 @@
+"""`MoELayer` for flax.nnx, and the parameter table and math it shares with `jaxmoe.linen.MoELayer`."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.api import moe
+from jaxmoe.reference import MoEAux
+
+Initializer = Callable[..., jax.Array]
+
+def default_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
+    """Truncated normal with variance 1 / fan-in, the fan-in being the second-to-last axis.
+
+    That is d for w_gate and w_up and f for w_down; a leading expert axis is a batch axis, so every
+    expert is scaled like a dense layer of its own rather than by E times its fan-in.
+    """
+    batch_axes = tuple(range(len(shape) - 2))
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", batch_axis=batch_axes)
+    return init(key, shape, dtype)
+
+
+# Small logits give near-uniform routing at the start, so every expert gets tokens and gradient.
+default_router_init = jax.nn.initializers.normal(stddev=0.02)
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    init: Initializer
+
+
+def param_specs(d_model: int, d_ff: int, num_experts: int, num_shared_experts: int,
+                kernel_init: Initializer | None) -> dict[str, ParamSpec]:
+    """Every parameter of the layer by name: both frameworks build their layer from this table."""
+    d, f, E = d_model, d_ff, num_experts
+    kernel_init = default_kernel_init if kernel_init is None else kernel_init
+    specs = {
+        "router": ParamSpec((d, E), ("embed", None), default_router_init),
+        "w_gate": ParamSpec((E, d, f), ("expert", "embed", "mlp"), kernel_init),
+        "w_up": ParamSpec((E, d, f), ("expert", "embed", "mlp"), kernel_init),
+        "w_down": ParamSpec((E, f, d), ("expert", "mlp", "embed"), kernel_init),
+    }
+    if num_shared_experts:
+        shared = num_shared_experts * f
+        specs |= {
+            "shared_w_gate": ParamSpec((d, shared), ("embed", "mlp"), kernel_init),
+            "shared_w_up": ParamSpec((d, shared), ("embed", "mlp"), kernel_init),
+            "shared_w_down": ParamSpec((shared, d), ("mlp", "embed"), kernel_init),
+        }
+    return specs
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    """The shared experts' dense SwiGLU, rounded where the routed experts round: after the activation."""
+    gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32)
+    up = jnp.dot(x, w_up, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(gate) * up).astype(x.dtype)
+    return jnp.dot(h, w_down, preferred_element_type=jnp.float32)
+
+
+def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int, scoring: str,
+                    renormalize: bool, dtype, implementation: str | None) -> tuple[jax.Array, MoEAux]:
+    """The layer's math on plain arrays: x [..., d] -> (y [..., d] in the compute dtype, MoEAux).
+
+    `params` holds the arrays named by `param_specs`; dtype None computes in x's dtype.
+    """
+    dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
+    x = x.astype(dtype)
+    experts = [params[name].astype(dtype) for name in ("w_gate", "w_up", "w_down")]
+    # The router keeps its own dtype: `moe` computes the logits in float32 whatever it gets, so
+    # rounding it to the compute dtype first would only make routing decisions noisier.
+    y, aux = moe(x, params["router"], *experts, top_k=top_k, scoring=scoring, renormalize=renormalize,
+                 implementation=implementation)
+    if "shared_w_gate" in params:
+        shared = [params[name].astype(dtype) for name in ("shared_w_gate", "shared_w_up", "shared_w_down")]
+        y = (y.astype(jnp.float32) + _swiglu(x, *shared)).astype(dtype)
+    return y, aux
+
+
+def _logically_partitioned(init: Initializer, logical_axes) -> Initializer:
+    # Flax 0.12 shards an annotated Variable as it is created and raises when no mesh is set. The
+    # layer must also work unsharded, so the annotation is only recorded until a mesh is in scope.
+    if jax.sharding.get_abstract_mesh().empty:
+        return nnx.with_partitioning(init, logical_axes, eager_sharding=False)
+    return nnx.with_partitioning(init, logical_axes)
+
+
+class MoELayer(nnx.Module):
+    """A routed Mixture-of-Experts SwiGLU feed-forward layer, optionally with always-on shared experts.
+
+    Each token goes to its `top_k` highest-scoring experts out of `num_experts`, and the layer returns
+    the routing-weighted sum of their outputs: `jaxmoe.moe` with this layer's parameters. With
+    `num_shared_experts` = S > 0, a dense SwiGLU of hidden size S * d_ff runs on every token and is
+    added to that sum, as in DeepSeek-MoE and Qwen2-MoE.
+
+    Parameters, with their logical axis names (``nnx.get_partition_spec`` reads them; under a mesh
+    with ``flax.linen.logical_axis_rules`` set, they are sharded as they are created):
+
+      router [d, E] ("embed", None); w_gate, w_up [E, d, f] ("expert", "embed", "mlp");
+      w_down [E, f, d] ("expert", "mlp", "embed"); and with S > 0, shared_w_gate, shared_w_up
+      [d, S*f] ("embed", "mlp") and shared_w_down [S*f, d] ("mlp", "embed").
+
+    Each call sows its router statistics as ``nnx.Intermediate`` values named "load_balancing_loss",
+    "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`). Read them with ``nnx.capture``, which
+    returns them beside the output, each as a tuple with one entry per call; outside ``nnx.capture``
+    nothing is recorded, so a plain call leaves the module unchanged.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxmoe import MoELayer
+    >>> layer = MoELayer(16, 32, num_experts=4, top_k=2, implementation="xla", rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 5, 16))
+    >>> layer(x).shape
+    (2, 5, 16)
+    >>> y, aux = nnx.capture(layer, nnx.Intermediate)(x)
+    >>> (counts,) = aux["expert_counts"].get_value()  # one entry: the layer ran once
+    >>> int(counts.sum())  # 2 * 5 tokens, 2 experts each
+    20
+    >>> (balance,) = aux["load_balancing_loss"].get_value()
+    >>> loss = jnp.mean(y ** 2) + 0.01 * balance
+
+    Args:
+      d_model: d, the width of the input and output.
+      d_ff: f, each expert's hidden width.
+      num_experts: E, the number of routed experts.
+      top_k: experts per token.
+      scoring: "softmax" or "sigmoid", applied to the router logits.
+      renormalize: make each token's top_k weights sum to one.
+      num_shared_experts: S, the width of the dense shared SwiGLU in units of d_ff; 0 for none.
+      dtype: the compute dtype; None computes in the input's dtype. The output has this dtype.
+      param_dtype: the dtype parameters are stored in.
+      implementation: passed to `jaxmoe.moe`; None picks the fused Triton kernels on a GPU, else "xla".
+      kernel_init: initializer for every expert weight, called with [E, in, out] for the routed
+        experts and [in, out] for the shared ones; the default is truncated normal with variance 1/in.
+      rngs: the `nnx.Rngs` the parameters are drawn from.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, scoring: str = "softmax",
+                 renormalize: bool = True, num_shared_experts: int = 0, dtype=None,
+                 param_dtype=jnp.float32, implementation: str | None = None,
+                 kernel_init: Initializer | None = None, rngs: nnx.Rngs):
+        self.top_k = top_k
+        self.scoring = scoring
+        self.renormalize = renormalize
+        self.dtype = dtype
+        self.implementation = implementation
+        specs = param_specs(d_model, d_ff, num_experts, num_shared_experts, kernel_init)
+        self.param_names = tuple(specs)
+        for name, spec in specs.items():
+            init = _logically_partitioned(spec.init, spec.logical_axes)
+            setattr(self, name, nnx.Param(init(rngs.params(), spec.shape, param_dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = {name: getattr(self, name)[...] for name in self.param_names}
+        y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
+                                 renormalize=self.renormalize, dtype=self.dtype,
+                                 implementation=self.implementation)
+        for name, value in aux._asdict().items():
+            # capture_noop: outside nnx.capture, sowing would add a module attribute that grows by
+            # one entry per call, which makes nnx.jit retrace every step.
+            self.sow(nnx.Intermediate, name, value, capture_noop=True)
+        return y

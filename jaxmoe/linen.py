@@ -1,0 +1,56 @@
+"""`MoELayer` for flax.linen: the twin of `jaxmoe.MoELayer`, with the same parameters and math."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxmoe.layers import Initializer, moe_layer_apply, param_specs
+
+
+class MoELayer(nn.Module):
+    """A routed Mixture-of-Experts SwiGLU feed-forward layer; see `jaxmoe.MoELayer` for the options.
+
+    Parameter names, shapes, initializers and logical axis names are those of `jaxmoe.MoELayer`, so
+    parameters move between the two unchanged. Each call sows "load_balancing_loss",
+    "router_z_loss" and "expert_counts" into the "intermediates" collection when it is mutable:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxmoe import linen
+    >>> layer = linen.MoELayer(16, 32, num_experts=4, top_k=2, implementation="xla")
+    >>> x = jnp.ones((2, 5, 16))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> y, state = layer.apply(variables, x, mutable=["intermediates"])
+    >>> (counts,) = state["intermediates"]["expert_counts"]  # one entry: the layer ran once
+    >>> int(counts.sum())  # 2 * 5 tokens, 2 experts each
+    20
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    _: dataclasses.KW_ONLY
+    scoring: str = "softmax"
+    renormalize: bool = True
+    num_shared_experts: int = 0
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None
+    kernel_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        specs = param_specs(self.d_model, self.d_ff, self.num_experts, self.num_shared_experts, self.kernel_init)
+        params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.logical_axes),
+                                   spec.shape, self.param_dtype)
+                  for name, spec in specs.items()}
+        y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
+                                 renormalize=self.renormalize, dtype=self.dtype,
+                                 implementation=self.implementation)
+        for name, value in aux._asdict().items():
+            self.sow("intermediates", name, value)
+        return y

@@ -1,0 +1,140 @@
+"""The jax.lax implementation: the specification every fast path is held against.
+
+Pipeline: stable argsort of the expert ids (dispatch), `jax.lax.ragged_dot` for the grouped GEMMs,
+then a gather back to assignment order and a weighted sum over each token's k rows (combine).
+
+Every permutation here is a gather whose VJP is the gather by the inverse permutation. JAX's own VJP
+of a gather is a scatter-add, which XLA runs with float atomics on GPU; a permutation has exactly one
+source per row, so gathering instead keeps outputs and gradients bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe import _validate
+from jaxmoe.routing import Routing, expert_probs, route
+
+
+class MoEAux(NamedTuple):
+    """Auxiliary router outputs of `moe`."""
+
+    load_balancing_loss: jax.Array  # E * sum_e (share of the T*k assignments on e) * (mean prob of e)
+    router_z_loss: jax.Array  # mean over tokens of logsumexp(logits)^2
+    expert_counts: jax.Array  # [E] int32, assignments per expert
+
+
+@jax.custom_vjp
+def permute_rows(a: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """a[index], where index is a permutation and inverse its inverse."""
+    return a[index]
+
+
+def _permute_rows_fwd(a, index, inverse):
+    return a[index], (index, inverse)
+
+
+def _permute_rows_bwd(residuals, grad):
+    index, inverse = residuals
+    return grad[inverse], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def _expert_counts(flat_ids: jax.Array, E: int) -> jax.Array:
+    """Assignments per expert; ids outside [0, E) land in a dropped overflow bin."""
+    in_range = (flat_ids >= 0) & (flat_ids < E)
+    bins = jnp.where(in_range, flat_ids, E)
+    return jnp.zeros(E + 1, jnp.int32).at[bins].add(1)[:E]  # integer adds: order cannot matter
+
+
+def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, ragged_dot: Callable = jax.lax.ragged_dot):
+    """The expert FFN with a pluggable grouped GEMM (the benchmark swaps in peers' ragged_dot)."""
+    T, d = x.shape
+    k = ids.shape[1]
+    E = w_gate.shape[0]
+    if T == 0:
+        return jnp.zeros((0, d), x.dtype)
+    flat_ids = ids.reshape(-1).astype(jnp.int32)
+    in_range = (flat_ids >= 0) & (flat_ids < E)
+    # Out-of-range ids sort last, past every group, and get zero weight below.
+    perm = jnp.argsort(jnp.where(in_range, flat_ids, E), stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+    group_sizes = _expert_counts(flat_ids, E)
+
+    x_sorted = permute_rows(jnp.repeat(x, k, axis=0), perm, inverse)
+    gate = ragged_dot(x_sorted, w_gate, group_sizes, preferred_element_type=jnp.float32)
+    up = ragged_dot(x_sorted, w_up, group_sizes, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(gate) * up).astype(x.dtype)
+    out_sorted = ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32)
+
+    rows = permute_rows(out_sorted, inverse, perm)  # back to assignment order t*k + j
+    rows = jnp.where(in_range[:, None], rows, 0.0)
+    w = jnp.where(in_range, weights.reshape(-1).astype(jnp.float32), 0.0)
+    y = (rows * w[:, None]).reshape(T, k, d).sum(axis=1)
+    return y.astype(x.dtype)
+
+
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation=None):
+    """y[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]), FFN_e(v) = (silu(v @ Wg[e]) * (v @ Wu[e])) @ Wd[e].
+
+    Args:
+      x: [T, d] float32, bfloat16 or float16.
+      weights: [T, k] routing weights (any float dtype; used in float32).
+      ids: [T, k] integer expert ids in [0, E).
+      w_gate, w_up: [E, d, f], x's dtype.
+      w_down: [E, f, d], x's dtype.
+      implementation: accepted for signature parity with `jaxmoe.expert_ffn`; must be None or "xla".
+
+    Returns:
+      y: [T, d] in x's dtype. Products accumulate in float32; the SwiGLU activation is rounded to x's
+      dtype before the down projection, as the fused kernels do.
+    """
+    if implementation not in (None, "xla"):
+        raise ValueError(f"jaxmoe.reference.expert_ffn runs only implementation='xla', got {implementation!r}")
+    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
+    return grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down)
+
+
+def aux_losses(logits: jax.Array, routing: Routing, E: int) -> MoEAux:
+    T, k = routing.ids.shape
+    counts = _expert_counts(routing.ids.reshape(-1), E)
+    # max(., 1) makes T = 0 give zero losses instead of 0/0.
+    assignment_share = counts.astype(jnp.float32) / max(T * k, 1)
+    mean_prob = routing.probs.sum(axis=0) / max(T, 1)
+    load_balancing = E * jnp.sum(assignment_share * mean_prob)
+    z = jax.nn.logsumexp(logits, axis=-1)
+    router_z = jnp.sum(z * z) / max(T, 1)
+    return MoEAux(load_balancing, router_z, counts)
+
+
+def router_logits(x2d: jax.Array, router_weight: jax.Array) -> jax.Array:
+    return jnp.dot(x2d.astype(jnp.float32), router_weight.astype(jnp.float32))
+
+
+def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
+                 route_fn: Callable, expert_ffn_fn: Callable):
+    """x [..., d] -> (y [..., d], MoEAux), with the routing and expert stages supplied by the caller."""
+    d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, d)
+    logits = router_logits(x2d, router_weight)
+    routing = route_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+    y = expert_ffn_fn(x2d, routing.weights, routing.ids, w_gate, w_up, w_down)
+    return y.reshape(*lead, d), aux_losses(logits, routing, E)
+
+
+def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", renormalize=True, bias=None,
+        implementation=None):
+    """The whole MoE layer in jax.lax; see `jaxmoe.moe`."""
+    if implementation not in (None, "xla"):
+        raise ValueError(f"jaxmoe.reference.moe runs only implementation='xla', got {implementation!r}")
+    return moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
+                        renormalize=renormalize, bias=bias, route_fn=route, expert_ffn_fn=grouped_expert_ffn)
+
+
+__all__ = ["MoEAux", "Routing", "expert_ffn", "expert_probs", "moe", "permute_rows", "route"]

@@ -1,0 +1,36 @@
+"""Combine: each token's output is the sum of its k expert rows, already scaled by routing weights.
+
+    y[t, :] = sum_j expert_rows[assignment_rows[t * k + j], :]   (rows of dropped ids skipped)
+
+Tiling: a program owns BLOCK_T tokens x BLOCK_D columns and adds the k rows in slot order j = 0..k-1
+in float32 registers, so the sum is the same every run (no atomics decide its order).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def combine_kernel(
+    expert_rows_ptr,  # [n_assignments, D] sorted order, weighted
+    assignment_rows_ptr,  # [T * top_k] int32, -1 for dropped assignments
+    T,
+    D,
+    top_k,
+    y_ptr,  # [T, D]
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_ok = tokens < T
+    col_ok = cols < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in range(0, top_k):
+        row = tl.load(assignment_rows_ptr + tokens * top_k + j, mask=token_ok, other=-1)
+        row_ok = token_ok & (row >= 0)
+        values = tl.load(expert_rows_ptr + row.to(tl.int64)[:, None] * D + cols[None, :],
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += values.to(tl.float32)
+    tl.store(y_ptr + tokens[:, None] * D + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok[None, :])

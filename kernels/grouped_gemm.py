@@ -1,0 +1,117 @@
+"""Grouped GEMM over dispatched rows: one kernel, switched by flags, for every expert matmul.
+
+    for each row block b (expert e = block_experts[b], sorted rows r of that expert):
+        GATED:      out[r, :] = silu(A[src(r)] @ B[e]) * (A[src(r)] @ B2[e])     (gate and up fused)
+        otherwise:  out[r, :] = A[src(r)] @ B[e]  (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
+    src(r) = sorted_assignments[r] // top_k if GATHER_A (rows of x, gathered inside the tile load,
+             no permuted copy), else r (A already in sorted order).
+
+Tiling: a program computes a BLOCK_M x BLOCK_N tile of one row block, looping over K in BLOCK_K
+steps. With GATED, the A tile is loaded once and multiplied by both B tiles (two accumulators).
+Program ids are swizzled in groups of GROUP_M row blocks so that consecutive programs reuse the
+same B tiles from L2: one expert's weights are far larger than L2 when T is large, and without the
+swizzle every row block would stream them from memory again.
+
+The grid is static (worst-case number of row blocks x N tiles); blocks with expert -1 return at
+once, so empty experts and unused worst-case blocks cost a few cycles. Row, expert and column
+offsets are int64 because row * stride and expert * d * f pass 2^31 on large models.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    # pointers
+    a_ptr,  # [rows of A, K]: x [T, K] if GATHER_A, else sorted activations [n_assignments, K]
+    b_ptr,  # [E, K, N]
+    b2_ptr,  # [E, K, N], read only if GATED
+    row_weights_ptr,  # [n_assignments] float32, read only if SCALE_ROWS
+    sorted_assignments_ptr,  # [n_assignments] int32
+    expert_offsets_ptr,  # [E + 1] int32
+    block_experts_ptr,  # [n_blocks] int32
+    block_rows_ptr,  # [n_blocks] int32
+    # dimensions
+    N,
+    K,
+    n_blocks,
+    top_k,
+    stride_am,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    # outputs
+    out_ptr,  # [n_assignments, N], sorted order
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    GATED: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * n_tiles
+    group = pid // programs_per_group
+    first_block = group * GROUP_M
+    group_size = min(n_blocks - first_block, GROUP_M)
+    block = first_block + (pid % programs_per_group) % group_size
+    tile_n = (pid % programs_per_group) // group_size
+
+    expert = tl.load(block_experts_ptr + block)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    first_row = tl.load(block_rows_ptr + block)
+    end_row = tl.load(expert_offsets_ptr + expert + 1)
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < end_row
+    assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
+    if GATHER_A:
+        a_rows = (assignments // top_k).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+    b_offsets = expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    b_ptrs = b_ptr + b_offsets
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        b2_ptrs = b2_ptr + b_offsets
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            if EVEN_K:
+                b2 = tl.load(b2_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+            b2_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc2
+    if SCALE_ROWS:
+        acc = acc * tl.load(row_weights_ptr + assignments, mask=row_ok, other=0.0)[:, None]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

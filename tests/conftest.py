@@ -1,0 +1,89 @@
+"""Shared test helpers: problem generators, the dense oracle, one tolerance table, the GPU marker."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Normalised error ||out - ref|| / ||ref|| allowed per dtype. Never widen one to make a test pass.
+TOLERANCE = {
+    jnp.dtype(jnp.float32): 1e-5,
+    jnp.dtype(jnp.float16): 5e-3,
+    jnp.dtype(jnp.bfloat16): 1e-2,
+}
+TF32_TOLERANCE = 2e-3  # float32 operands on tensor cores at JAX's default matmul precision
+
+
+def has_gpu() -> bool:
+    try:
+        return jax.default_backend() == "gpu"
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (run on the GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(out, ref) -> float:
+    """Normalised error in float64; NaN or inf anywhere gives inf, so it never passes."""
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if not (np.isfinite(out).all() and np.isfinite(ref).all()):
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / denom) if denom > 0 else float(np.linalg.norm(out))
+
+
+def assert_close(out, ref, dtype, tol=None):
+    tol = TOLERANCE[jnp.dtype(dtype)] if tol is None else tol
+    err = rel_err(out, ref)
+    assert err <= tol, f"normalised error {err:.3g} > {tol:.3g}"
+
+
+class Problem:
+    """Random expert-FFN inputs; ids come from `id_pattern` so tests can force any load pattern."""
+
+    def __init__(self, seed, T, d, f, E, k, dtype=jnp.float32, ids=None):
+        keys = jax.random.split(jax.random.key(seed), 6)
+        self.T, self.d, self.f, self.E, self.k, self.dtype = T, d, f, E, k, jnp.dtype(dtype)
+        self.x = jax.random.normal(keys[0], (T, d), jnp.float32).astype(dtype)
+        self.w_gate = (jax.random.normal(keys[1], (E, d, f)) / np.sqrt(d)).astype(dtype)
+        self.w_up = (jax.random.normal(keys[2], (E, d, f)) / np.sqrt(d)).astype(dtype)
+        self.w_down = (jax.random.normal(keys[3], (E, f, d)) / np.sqrt(f)).astype(dtype)
+        if ids is None:  # k distinct experts per token, uniformly at random
+            scores = jax.random.uniform(keys[4], (T, E))
+            ids = jax.lax.top_k(scores, k)[1]
+        self.ids = jnp.asarray(ids, jnp.int32).reshape(T, k)
+        self.weights = jax.random.uniform(keys[5], (T, k), jnp.float32, 0.1, 1.0)
+
+    @property
+    def args(self):
+        return self.x, self.weights, self.ids, self.w_gate, self.w_up, self.w_down
+
+
+def dense_expert_ffn(x, weights, ids, w_gate, w_up, w_down):
+    """The oracle: every token through every expert in float32 at HIGHEST precision, then masked."""
+    E = w_gate.shape[0]
+    hi = jax.lax.Precision.HIGHEST
+    x, w_gate, w_up, w_down = (a.astype(jnp.float32) for a in (x, w_gate, w_up, w_down))
+    gate = jnp.einsum("td,edf->tef", x, w_gate, precision=hi)
+    up = jnp.einsum("td,edf->tef", x, w_up, precision=hi)
+    out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w_down, precision=hi)
+    mix = jnp.einsum("tk,tke->te", weights.astype(jnp.float32), jax.nn.one_hot(ids, E, dtype=jnp.float32))
+    return jnp.einsum("ted,te->td", out, mix, precision=hi)
+
+
+@pytest.fixture
+def highest_precision():
+    """fp32 checks at 1e-5 need true float32 matmuls in the reference (XLA may use tf32 by default)."""
+    with jax.default_matmul_precision("highest"):
+        yield

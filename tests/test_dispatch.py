@@ -1,0 +1,76 @@
+"""Invariants of the dispatch metadata that every GEMM, the backward and the sharded path rely on."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmoe import ops
+
+MODES = ["interpret", pytest.param("triton", marks=pytest.mark.gpu)]
+
+
+def check_dispatch(ids: np.ndarray, E: int, block_m: int, mode: str):
+    n = ids.size
+    d = jax.jit(lambda i: ops.dispatch(i, E, block_m, mode))(ids.reshape(-1))
+    sorted_assignments, assignment_rows, offsets, block_experts, block_rows = (np.asarray(a) for a in d)
+    flat = ids.reshape(-1)
+    valid = (flat >= 0) & (flat < E)
+    counts = np.bincount(flat[valid], minlength=E)
+
+    # offsets are the exclusive prefix sums of the counts; the last entry counts valid assignments
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
+    n_valid = int(valid.sum())
+    # every valid assignment appears exactly once, grouped by expert, in assignment order within one
+    np.testing.assert_array_equal(sorted_assignments[:n_valid], np.argsort(np.where(valid, flat, E), kind="stable")[:n_valid])
+    # assignment_rows inverts the sort; dropped assignments are marked -1
+    for a in np.flatnonzero(valid):
+        assert sorted_assignments[assignment_rows[a]] == a
+    assert (assignment_rows[~valid] == -1).all()
+
+    # the block map covers each expert's rows exactly, in order; unused blocks are marked -1
+    assert block_experts.size == ops.max_row_blocks(n, E, block_m)
+    want_experts, want_rows = [], []
+    for e in range(E):
+        for start in range(0, counts[e], block_m):
+            want_experts.append(e)
+            want_rows.append(offsets[e] + start)
+    used = len(want_experts)
+    np.testing.assert_array_equal(block_experts[:used], want_experts)
+    np.testing.assert_array_equal(block_rows[:used], want_rows)
+    assert (block_experts[used:] == -1).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, E, k, block_m", [(1, 1, 1, 16), (33, 5, 2, 16), (200, 8, 2, 64), (150, 130, 6, 16)])
+def test_random_ids(mode, T, E, k, block_m):
+    rng = np.random.default_rng(T * E)
+    ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)
+    check_dispatch(ids, E, block_m, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_skewed_and_invalid_ids(mode):
+    ids = np.zeros((100, 1), np.int32)  # all on expert 0: several blocks of one expert
+    check_dispatch(ids, 3, 16, mode)
+    ids = np.array([[0, 9], [-1, 2], [2, 0], [5, 1]], np.int32)  # 9, -1 and 5 are out of range for E=3
+    check_dispatch(ids, 3, 16, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_chunks(mode):
+    """Enough assignments for several dispatch chunks, so chunk prefix sums are exercised."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 4, size=(4500, 2)).astype(np.int32)
+    check_dispatch(ids, 4, 32, mode)
+
+
+def test_worst_case_block_bound_is_tight():
+    # 7 experts with one row each plus one expert with the other 25 rows needs 7 + 2 = 9 blocks
+    assert ops.max_row_blocks(32, 8, 16) == 9
+    for n, E, bm in [(1, 1, 16), (5, 8, 16), (1000, 64, 64), (16, 1, 16)]:
+        rng = np.random.default_rng(n)
+        for _ in range(50):
+            counts = np.bincount(rng.integers(0, E, n), minlength=E)
+            assert sum(-(-c // bm) for c in counts) <= ops.max_row_blocks(n, E, bm)

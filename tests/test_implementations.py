@@ -1,0 +1,166 @@
+"""One base that holds every implementation against the jax.lax reference.
+
+"interpret" runs the Triton kernels in Triton's interpreter on CPU (float32 and float16: the
+interpreter's bfloat16 tl.dot is wrong, triton issue 11584); "triton" runs them on the GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmoe
+from jaxmoe import ops, reference
+from jaxmoe.config import GemmConfig, MoEConfig
+from conftest import Problem, TF32_TOLERANCE, assert_close, rel_err
+
+IMPLEMENTATIONS = ["xla", "interpret", pytest.param("triton", marks=pytest.mark.gpu)]
+KERNEL_IMPLEMENTATIONS = ["interpret", pytest.param("triton", marks=pytest.mark.gpu)]
+
+# Small tiles force several row blocks, N tiles and K steps (with a ragged last K step) on tiny shapes.
+SMALL_TILES = MoEConfig(16, GemmConfig(block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2),
+                        GemmConfig(block_n=16, block_k=32, group_m=3, num_warps=4, num_stages=2))
+
+SHAPES = [(37, 96, 200, 5, 2), (64, 32, 48, 1, 1), (19, 40, 24, 4, 4), (1, 16, 24, 6, 3), (0, 16, 24, 4, 2)]
+
+
+def dtypes_for(impl):
+    return {"interpret": [jnp.float32, jnp.float16]}.get(impl, [jnp.float32, jnp.float16, jnp.bfloat16])
+
+
+def run(impl, p: Problem, config=None):
+    if config is not None and impl != "xla":
+        return jax.jit(lambda *a: ops.expert_ffn(*a, mode=impl, config=config))(*p.args)
+    return jax.jit(lambda *a: jaxmoe.expert_ffn(*a, implementation=impl))(*p.args)
+
+
+def reference_of(p: Problem):
+    return jax.jit(reference.grouped_expert_ffn)(*p.args)
+
+
+@pytest.fixture(autouse=True)
+def _highest(highest_precision):
+    yield
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_d{}_f{}_E{}_k{}".format(*s))
+def test_matches_reference(impl, shape):
+    for dtype in dtypes_for(impl):
+        p = Problem(hash(shape) % 1000, *shape, dtype=dtype)
+        y = run(impl, p)
+        assert y.shape == (p.T, p.d) and y.dtype == p.dtype
+        assert_close(y, reference_of(p), dtype)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_small_tiles_ragged_k(impl, dtype):
+    p = Problem(20, 53, 72, 40, 3, 2, dtype=dtype)  # d=72: K tiles of 32 leave a ragged last step
+    assert_close(run(impl, p, SMALL_TILES), reference_of(p), dtype)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_every_empty_expert_pattern_for_four_experts(impl):
+    """For each non-empty set of live experts among 4, route every token only to live experts."""
+    E, T = 4, 21
+    rng = np.random.default_rng(0)
+    for live in itertools.chain.from_iterable(itertools.combinations(range(E), n) for n in range(1, E + 1)):
+        k = min(2, len(live))
+        ids = np.stack([rng.choice(live, size=k, replace=False) for _ in range(T)])
+        p = Problem(len(live), T, 24, 40, E, k, ids=ids)
+        y = run(impl, p, SMALL_TILES)
+        assert_close(y, reference_of(p), jnp.float32)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_all_tokens_on_one_expert(impl):
+    T = 70  # 70 rows on one expert: five 16-row blocks, the last one partly padding
+    p = Problem(21, T, 24, 40, 6, 1, ids=np.full((T, 1), 4))
+    assert_close(run(impl, p, SMALL_TILES), reference_of(p), jnp.float32)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_out_of_range_ids_under_jit_contribute_zero(impl):
+    p = Problem(22, 9, 16, 24, 4, 2)
+    p.ids = p.ids.at[0, 1].set(7).at[3, 0].set(-1)
+    assert_close(run(impl, p), reference_of(p), jnp.float32)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_bitwise_deterministic(impl):
+    p = Problem(23, 45, 32, 48, 4, 2)
+    a, b = np.asarray(run(impl, p)), np.asarray(run(impl, p))
+    assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_grad_matches_reference(impl):
+    p = Problem(24, 13, 16, 24, 4, 2)
+
+    def loss(fn):
+        return lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(fn(x, w, p.ids, wg, wu, wd)))
+
+    args = (p.x, p.weights, p.w_gate, p.w_up, p.w_down)
+    got = jax.jit(jax.grad(loss(lambda *a: jaxmoe.expert_ffn(*a, implementation=impl)), (0, 1, 2, 3, 4)))(*args)
+    want = jax.grad(loss(reference.grouped_expert_ffn), (0, 1, 2, 3, 4))(*args)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("scoring, renormalize, with_bias", [
+    ("softmax", True, False), ("softmax", False, True), ("sigmoid", True, True), ("sigmoid", False, False)])
+def test_routing_kernel_matches_route(impl, scoring, renormalize, with_bias):
+    T, E, k = 45, 12, 3
+    logits = jax.random.normal(jax.random.key(3), (T, E)) * 2
+    bias = jnp.linspace(-0.2, 0.2, E) if with_bias else None
+    got = ops.route(logits, k, scoring=scoring, renormalize=renormalize, bias=bias, mode=impl)
+    want = jaxmoe.route(logits, k, scoring=scoring, renormalize=renormalize, bias=bias)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.probs, want.probs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_routing_kernel_ties_and_grad(impl):
+    logits = jnp.array([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    np.testing.assert_array_equal(ops.route(logits, 2, mode=impl).ids, [[1, 2], [0, 1]])
+    logits = jax.random.normal(jax.random.key(4), (9, 6))
+
+    def loss(route_fn):
+        def inner(lg):
+            r = route_fn(lg, 2)
+            return jnp.sum(r.weights * jnp.arange(1.0, 3.0)) + jnp.sum(r.probs ** 2)
+        return inner
+
+    got = jax.grad(loss(lambda lg, k: ops.route(lg, k, mode=impl)))(logits)
+    want = jax.grad(loss(jaxmoe.route))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_moe_end_to_end(impl):
+    p = Problem(25, 30, 32, 48, 6, 2)
+    router = jax.random.normal(jax.random.key(5), (p.d, p.E))
+    x3 = p.x.reshape(5, 6, p.d)
+    y, aux = jax.jit(lambda x: jaxmoe.moe(x, router, p.w_gate, p.w_up, p.w_down, top_k=2, implementation=impl))(x3)
+    y_ref, aux_ref = jaxmoe.reference.moe(x3, router, p.w_gate, p.w_up, p.w_down, top_k=2)
+    assert_close(y, y_ref, jnp.float32)
+    np.testing.assert_array_equal(aux.expert_counts, aux_ref.expert_counts)
+    np.testing.assert_allclose(aux.load_balancing_loss, aux_ref.load_balancing_loss, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, tol", [("default", TF32_TOLERANCE), ("highest", 1e-5)])
+def test_float32_follows_default_matmul_precision(precision, tol):
+    p = Problem(26, 256, 128, 256, 8, 2)
+    with jax.default_matmul_precision(precision):
+        y = run("triton", p)
+    with jax.default_matmul_precision("highest"):
+        want = reference_of(p)
+    assert rel_err(y, want) <= tol
