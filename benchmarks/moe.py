@@ -7,8 +7,11 @@
 Implementations (rows):
   triton   jaxmoe.moe(..., implementation="triton")                   (GPU only)
   xla      jaxmoe.moe(..., implementation="xla"), the jax.lax reference
-  tokamax  jaxmoe.reference.moe_pipeline with tokamax.ragged_dot(implementation="mosaic") as the
-           grouped GEMM (GPU only, and only when `import tokamax` works)
+  tokamax  jaxmoe.reference.moe_pipeline with tokamax.ragged_dot_general(implementation="mosaic") as the
+           grouped GEMM (GPU only, and only when `import tokamax` works), through `make_ragged_dot`:
+           preferred_element_type is passed through; its VJP is two more tokamax ragged GEMMs with the
+           cotangent rounded to bf16 (tokamax's Mosaic kernels reject an f32 cotangent against bf16).
+           tokamax runs its heuristic kernel config (no autotuning cache).
 
 Passes: "fwd" times the jitted layer, y and the aux losses; "fwd_bwd" times
 jax.value_and_grad(<y, dy>) with respect to x, w_gate, w_up and w_down, dy a fixed random cotangent
@@ -35,6 +38,9 @@ the median over rounds. n is chosen from a short estimate so a round takes ~1/5 
 rounds continue until --min-time has passed (at least 5 rounds). Calls rotate over 3 sets of x (and of
 the weights when three sets of them fit in 256 MiB) so small inputs are not served from L2.
 On CPU every call is synced (the CPU client may overlap independent calls).
+
+The header's commit is `git rev-parse --short HEAD` (+dirty); without a .git (the GPU machine's copy of
+the tree) set BENCH_COMMIT=<sha> in the command.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +63,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxmoe
 from jaxmoe import reference
@@ -91,11 +99,14 @@ def _version(module: str) -> str:
 
 
 def git_commit() -> str:
+    """`git rev-parse --short HEAD` (+dirty); where there is no git checkout (the GPU machine gets a copy of
+    the working tree without .git) the BENCH_COMMIT environment variable, else "unknown"."""
+    fallback = os.environ.get("BENCH_COMMIT", "unknown")
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
-            return "unknown"
+            return fallback
         commit = head.stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10)
@@ -103,7 +114,7 @@ def git_commit() -> str:
             commit += "+dirty"
         return commit
     except Exception:
-        return "unknown"
+        return fallback
 
 
 def environment() -> dict:
@@ -174,17 +185,15 @@ def time_fn(fn, arg_sets, *, min_time_s: float, sync_each: bool) -> Timing:
 
 def measure_ceilings(on_gpu: bool, min_time_s: float, sync_each: bool) -> dict:
     """HBM read bandwidth (a large f32 reduction) and the dense bf16 matmul rate (an XLA dot)."""
-    key = jax.random.key(1234)
+    normal = Normal(1234, on_host=not on_gpu)
     n_elems = (1 << 29) if on_gpu else (1 << 24)  # 2 GiB on a GPU, 64 MiB on CPU
-    a = jax.jit(lambda k: jax.random.normal(k, (n_elems,), jnp.float32))(key)
+    a = normal((n_elems,), dtype=jnp.float32)
     t = time_fn(jax.jit(jnp.sum), [(a,)], min_time_s=min_time_s, sync_each=sync_each)
     hbm_gbps = a.nbytes / (t.ms * 1e-3) / 1e9
     sum_bytes = a.nbytes
     del a
     n = 8192 if on_gpu else 512
-    ka, kb = jax.random.split(key)
-    A = jax.random.normal(ka, (n, n), DTYPE)
-    B = jax.random.normal(kb, (n, n), DTYPE)
+    A, B = normal((n, n)), normal((n, n))
     t = time_fn(jax.jit(jnp.dot), [(A, B)], min_time_s=min_time_s, sync_each=sync_each)
     mm_tflops = 2 * n**3 / (t.ms * 1e-3) / 1e12
     del A, B
@@ -197,12 +206,54 @@ def measure_ceilings(on_gpu: bool, min_time_s: float, sync_each: bool) -> dict:
 # Implementations
 
 
-def _tokamax_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
-    """tokamax.ragged_dot with the jax.lax.ragged_dot call signature the reference pipeline uses."""
+# jax.lax.RaggedDotDimensionNumbers for lhs [M, K] with rows grouped, rhs [G, K, N]:
+_DIMS_FWD = jax.lax.RaggedDotDimensionNumbers(  # out [M, N] = lhs @ rhs[g] per row group
+    dot_dimension_numbers=(([1], [1]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DIMS_DLHS = jax.lax.RaggedDotDimensionNumbers(  # dlhs [M, K] = dout [M, N] @ rhs[g]^T per row group
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+_DIMS_DRHS = jax.lax.RaggedDotDimensionNumbers(  # drhs [G, K, N] = lhs_g^T @ dout_g, rows contracted
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+
+
+def make_ragged_dot(general):
+    """A jax.lax.ragged_dot-style fn over general(lhs, rhs, group_sizes, dims, precision, preferred_element_type).
+
+    The forward passes preferred_element_type through (the pipeline asks for float32 outputs). The
+    backward is written out as two ragged GEMMs of the same backend with the cotangent rounded to the
+    operands' dtype: tokamax's Mosaic GPU kernels reject a float32 cotangent against bf16 operands.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type):
+        return general(lhs, rhs, group_sizes, _DIMS_FWD, precision, preferred_element_type)
+
+    def fwd(lhs, rhs, group_sizes, precision, preferred_element_type):
+        out = general(lhs, rhs, group_sizes, _DIMS_FWD, precision, preferred_element_type)
+        return out, (lhs, rhs, group_sizes)
+
+    def bwd(precision, preferred_element_type, residuals, dout):
+        lhs, rhs, group_sizes = residuals
+        dout = dout.astype(lhs.dtype)
+        dlhs = general(dout, rhs, group_sizes, _DIMS_DLHS, precision, lhs.dtype)
+        drhs = general(lhs, dout, group_sizes, _DIMS_DRHS, precision, rhs.dtype)
+        return dlhs, drhs, None
+
+    ragged_dot.defvjp(fwd, bwd)
+
+    def call(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
+        return ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), precision, preferred_element_type)
+
+    return call
+
+
+def _tokamax_general(lhs, rhs, group_sizes, dims, precision, preferred_element_type):
     import tokamax
 
-    return tokamax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), precision=precision,
-                              preferred_element_type=preferred_element_type, implementation="mosaic")
+    return tokamax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
+                                      preferred_element_type=preferred_element_type, implementation="mosaic")
+
+
+tokamax_ragged_dot = make_ragged_dot(_tokamax_general)
 
 
 def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
@@ -233,7 +284,7 @@ def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
 def make_forward(impl: str, k: int):
     """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation."""
     if impl == "tokamax":
-        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=_tokamax_ragged_dot)
+        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=tokamax_ragged_dot)
         return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
                                  bias=None, route_fn=jaxmoe.route, expert_ffn_fn=expert_ffn)
     return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
@@ -274,24 +325,40 @@ def make_roof(pass_: str):
 # Inputs and counting
 
 
-def make_weights(shape: shapes_lib.MoEShape, key, n_sets: int):
+class Normal:
+    """Draws N(0, scale^2) bf16 arrays: with jax.random on an accelerator (GBs of weights), with numpy
+    on CPU (no RNG programs to compile for the small CPU shapes)."""
+
+    def __init__(self, seed: int, on_host: bool):
+        self.on_host = on_host
+        self.rng = np.random.default_rng(seed)
+        self.key = jax.random.key(seed)
+
+    def __call__(self, shape, scale: float = 1.0, dtype=DTYPE) -> jax.Array:
+        if self.on_host:
+            a = self.rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+            return jnp.asarray(a.astype(dtype))
+        self.key, key = jax.random.split(self.key)
+        return _device_normal(key, tuple(shape), float(scale), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _device_normal(key, shape, scale, dtype):
+    return jax.random.normal(key, shape, dtype) * jnp.asarray(scale, dtype)
+
+
+def make_weights(shape: shapes_lib.MoEShape, normal: Normal, n_sets: int):
     """n_sets tuples (router_weight [d, E], w_gate, w_up [E, d, f], w_down [E, f, d]), all bf16.
 
     Router weights are N(0, 1/d) so logits of N(0, 1) inputs are ~N(0, 1): the routing is spread.
     Expert weights are N(0, 1/fan_in).
     """
     E, d, f = shape.E, shape.d, shape.f
-
-    @jax.jit
-    def one(key):
-        kr, kg, ku, kd = jax.random.split(key, 4)
-        rw = jax.random.normal(kr, (d, E), DTYPE) * DTYPE(1 / math.sqrt(d))
-        wg = jax.random.normal(kg, (E, d, f), DTYPE) * DTYPE(1 / math.sqrt(d))
-        wu = jax.random.normal(ku, (E, d, f), DTYPE) * DTYPE(1 / math.sqrt(d))
-        wd = jax.random.normal(kd, (E, f, d), DTYPE) * DTYPE(1 / math.sqrt(f))
-        return rw, wg, wu, wd
-
-    return [jax.block_until_ready(one(k)) for k in jax.random.split(key, n_sets)]
+    sets = []
+    for _ in range(n_sets):
+        sets.append(jax.block_until_ready((normal((d, E), 1 / math.sqrt(d)), normal((E, d, f), 1 / math.sqrt(d)),
+                                           normal((E, d, f), 1 / math.sqrt(d)), normal((E, f, d), 1 / math.sqrt(f)))))
+    return sets
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -354,27 +421,23 @@ def _check(values, allowed, what):
 def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float, env: dict) -> list[dict]:
     sync_each = not on_gpu
     rows: list[dict] = []
-    key = jax.random.key(0)
+    normal = Normal(0, on_host=not on_gpu)
     for shape in shapes:
         log(f"== {shape.name}: E={shape.E} k={shape.k} d={shape.d} f={shape.f} "
             f"({shape.expert_weight_bytes() / 2**30:.2f} GiB of expert weights)")
-        key, kw = jax.random.split(key)
         n_wsets = N_INPUT_SETS if N_INPUT_SETS * shape.expert_weight_bytes() <= WEIGHT_ROTATION_BYTES else 1
         t0 = time.perf_counter()
-        wsets = make_weights(shape, kw, n_wsets)
+        wsets = make_weights(shape, normal, n_wsets)
         log(f"   weights: {n_wsets} set(s) in {time.perf_counter() - t0:.1f}s")
         for T in tokens:
-            key, kx, kdy, kxe = jax.random.split(key, 4)
-            xs = [jax.random.normal(kk, (T, shape.d), DTYPE) for kk in jax.random.split(kx, N_INPUT_SETS)]
-            dys = [jax.random.normal(kk, (T, shape.d), DTYPE) for kk in jax.random.split(kdy, N_INPUT_SETS)]
+            xs = [normal((T, shape.d)) for _ in range(N_INPUT_SETS)]
+            dys = [normal((T, shape.d)) for _ in range(N_INPUT_SETS)]
             arg_sets = [(xs[i], *wsets[i % n_wsets], dys[i]) for i in range(N_INPUT_SETS)]
             per_set = [int(_active_experts(x, wsets[i % n_wsets][0], k=shape.k)) for i, x in enumerate(xs)]
             active = sum(per_set) / len(per_set)
             m = -(-T * shape.k // shape.E)  # ceil(T*k/E) rows per expert in the roof
-            xes = [jax.random.normal(kk, (shape.E, m, shape.d), DTYPE)
-                   for kk in jax.random.split(kxe, N_INPUT_SETS)]
-            dyes = [jax.random.normal(kk, (shape.E, m, shape.d), DTYPE)
-                    for kk in jax.random.split(jax.random.fold_in(kxe, 1), N_INPUT_SETS)]
+            xes = [normal((shape.E, m, shape.d)) for _ in range(N_INPUT_SETS)]
+            dyes = [normal((shape.E, m, shape.d)) for _ in range(N_INPUT_SETS)]
             roof_sets = [(xes[i], *wsets[i % n_wsets][1:], dyes[i]) for i in range(N_INPUT_SETS)]
             for pass_ in passes:
                 tag = f"[{shape.name} T={T} {pass_}]"

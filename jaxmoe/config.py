@@ -26,11 +26,15 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # K slices summed by the combine; only the down projection (no epilogue) uses it
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """block_m is shared by both GEMMs because they read the same block-to-expert map."""
+    """block_m is shared by both GEMMs because they read the same block-to-expert map.
+
+    Table entries may carry extra keys (the tuner records the time it measured); they are ignored.
+    """
 
     block_m: int
     gate_up: GemmConfig
@@ -95,10 +99,10 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
     return tuned if tuned is not None else heuristic(bucket, dtype, d, f)
 
 
-def shipped_configs() -> list[MoEConfig]:
-    """Every distinct config this package can pick: the table's and the heuristic's (for the gate)."""
-    configs = set(_table().values())
-    for bucket in (1, 16, 32, 64, 128, 4096):
+def shipped_configs() -> list[tuple[str, MoEConfig]]:
+    """Every distinct (dtype, config) this package can pick: the table's and the heuristic's."""
+    pairs = {(key.split("/")[1], cfg) for key, cfg in _table().items()}
+    for bucket in (1, 32, 64, 4096):  # one per heuristic branch
         for dtype in ("bfloat16", "float16", "float32"):
-            configs.add(heuristic(bucket, dtype, 128, 128))
-    return sorted(configs, key=lambda c: json.dumps(c.to_json(), sort_keys=True))
+            pairs.add((dtype, heuristic(bucket, dtype, 128, 128)))
+    return sorted(pairs, key=lambda pair: (pair[0], json.dumps(pair[1].to_json(), sort_keys=True)))

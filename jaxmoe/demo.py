@@ -4,7 +4,7 @@
 
 The text mixes three kinds of line, so predicting it takes more than character frequencies:
 
-    the small fox sees a red bird.     a toy grammar: spelling, word order, agreement of nothing
+    the small fox sees a red bird.     a toy grammar: spelling and word order
     4 7 10 13 16 19                    arithmetic runs: each number follows from the two before
     qzkv qzkv qzkv qzkv                a random word, repeated: only attention can predict the copies
 
@@ -29,7 +29,7 @@ from flax import nnx
 import jaxmoe
 
 ALPHABET = "\n .0123456789abcdefghijklmnopqrstuvwxyz"
-CONTEXT = 64
+CONTEXT = 32
 D_MODEL = 64
 NUM_HEADS = 4
 NUM_LAYERS = 2
@@ -161,35 +161,42 @@ def train_step(model: MoELanguageModel, optimizer: nnx.Optimizer, batch: jax.Arr
 
 def progress_bar(step: int, steps: int, loss: float, tokens_per_s: float, width: int = 30) -> None:
     filled = round(width * step / steps)
-    line = f"\rstep {step:>{len(str(steps))}}/{steps} [{'#' * filled}{'.' * (width - filled)}] " \
-           f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s"
+    line = (f"\rstep {step:>{len(str(steps))}}/{steps} [{'#' * filled}{'.' * (width - filled)}] "
+            f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s")
     print(line, end="\n" if step == steps else "", file=sys.stderr, flush=True)
 
 
 def expert_load_histogram(counts: np.ndarray, width: int = 40) -> str:
-    """counts [layers, E] -> one bar per expert, its length the expert's share of the assignments."""
+    """counts [layers, E] -> one bar per expert; the busiest expert of any layer gets the full width."""
+    shares = counts / counts.sum(axis=1, keepdims=True)
     lines = []
-    for layer, layer_counts in enumerate(counts):
-        shares = layer_counts / layer_counts.sum()
+    for layer, layer_shares in enumerate(shares):
         lines.append(f"  layer {layer}")
-        for expert, share in enumerate(shares):
-            lines.append(f"    expert {expert} {'#' * round(share * width):<{width}} {share:6.1%}")
+        for expert, share in enumerate(layer_shares):
+            bar = "#" * round(width * share / shares.max())
+            lines.append(f"    expert {expert} {bar:<{width}} {share:6.1%}")
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16, help="sequences of %d tokens per step" % CONTEXT)
+    parser = argparse.ArgumentParser(prog="python -m jaxmoe.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--batch", type=positive_int, default=32, help=f"sequences of {CONTEXT} tokens per step")
     parser.add_argument("--implementation", choices=jaxmoe.IMPLEMENTATIONS, default=None,
                         help="jaxmoe implementation; default: triton on a GPU, else xla")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Runs the demo; returns the numbers it printed, for tests."""
-    args = parse_args(argv)
+def train(args: argparse.Namespace) -> dict:
+    """Trains with a progress bar on stderr; returns what the summary reports."""
     rng = np.random.default_rng(args.seed)
     tokens = encode(make_text(rng, num_lines=10_000))
     model = MoELanguageModel(args.implementation, rngs=nnx.Rngs(args.seed))
@@ -200,33 +207,49 @@ def main(argv: list[str] | None = None) -> dict:
 
     losses, recent_counts = [], []
     tokens_per_step = args.batch * CONTEXT
-    tick = time.perf_counter()
+    start = time.perf_counter()
     for step in range(1, args.steps + 1):
         cross_entropy, counts = train_step(model, optimizer, jnp.asarray(sample_batch(rng, tokens, args.batch)))
         losses.append(float(cross_entropy))  # waits for the step, so the timing below is honest
         if step > args.steps - FINAL_WINDOW:
             recent_counts.append(np.asarray(counts))
-        now = time.perf_counter()
-        progress_bar(step, args.steps, losses[-1], tokens_per_step / (now - tick))
-        tick = now
+        if step == 1:  # the first step compiles; the throughput leaves it out
+            first_step_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+        tokens_per_s = tokens_per_step * (step - 1) / max(time.perf_counter() - start, 1e-9)
+        progress_bar(step, args.steps, losses[-1], tokens_per_s)
 
-    window = min(FINAL_WINDOW, args.steps)
-    result = {
+    return {
         "implementation": jaxmoe.resolve_implementation(args.implementation),
         "initial_loss": losses[0],
-        "final_loss": float(np.mean(losses[-window:])),
+        "final_loss": float(np.mean(losses[-FINAL_WINDOW:])),
+        "final_window": len(recent_counts),
         "unigram_entropy": unigram_entropy(tokens),
+        "first_step_seconds": first_step_seconds,
+        "tokens_per_s": tokens_per_s,
         "expert_counts": np.sum(recent_counts, axis=0),
     }
+
+
+def print_summary(result: dict) -> None:
+    window = result["final_window"]
     print(f"implementation: {result['implementation']}")
     print(f"cross-entropy, nats per character: initial {result['initial_loss']:.3f} (step 1, "
           f"uniform guessing is ln {len(ALPHABET)} = {math.log(len(ALPHABET)):.3f}), "
           f"final {result['final_loss']:.3f} (mean of the last {window} steps)")
     print(f"unigram entropy of the text: {result['unigram_entropy']:.3f} nats per character "
           f"(the best loss without context)")
+    print(f"throughput: {result['tokens_per_s']:,.0f} tokens/s after the first step, "
+          f"which took {result['first_step_seconds']:.1f} s with compilation")
     print(f"expert load over the last {window} steps (share of the top-{TOP_K} assignments; "
           f"uniform is {1 / NUM_EXPERTS:.1%}):")
     print(expert_load_histogram(result["expert_counts"]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the demo; returns the numbers it printed, for tests."""
+    result = train(parse_args(argv))
+    print_summary(result)
     return result
 
 

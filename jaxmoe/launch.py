@@ -7,6 +7,8 @@ scalars, positionally), then one pointer per output, then constexprs by keyword.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import inspect
 from typing import Sequence
@@ -37,7 +39,54 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
         return list(outs)
     if mode == "interpret":
         return _launch_interpreted(kernel, args, grid, out_shapes, constexprs)
+    if mode == "record":
+        _RECORDS.append(LaunchRecord(kernel, tuple(_triton_type(a) for a in (*args, *out_shapes)), grid,
+                                     num_warps, num_stages, constexprs))
+        return [jax.numpy.zeros(s.shape, s.dtype) for s in out_shapes]
     raise ValueError(f"unknown launch mode {mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRecord:
+    """What a launch would compile: enough to build the kernel for any target (see portability.py)."""
+
+    kernel: object
+    arg_types: tuple[str, ...]  # Triton signature types, inputs then outputs
+    grid: tuple[int, ...]
+    num_warps: int
+    num_stages: int
+    constexprs: dict
+
+    @property
+    def signature(self) -> dict[str, str]:
+        names = [n for n in self.kernel.arg_names if n not in self.constexprs]
+        return {**dict(zip(names, self.arg_types)), **{n: "constexpr" for n in self.constexprs}}
+
+
+_RECORDS: list[LaunchRecord] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Within this block, mode="record" launches are collected instead of run; yields the list."""
+    start = len(_RECORDS)
+    collected: list[LaunchRecord] = []
+    try:
+        yield collected
+    finally:
+        collected.extend(_RECORDS[start:])
+        del _RECORDS[start:]
+
+
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+
+
+def _triton_type(arg) -> str:
+    if isinstance(arg, bool):
+        return "i1"
+    if isinstance(arg, int):
+        return "i32" if -2**31 <= arg < 2**31 else "i64"
+    return "*" + _TRITON_TYPES[jax.numpy.dtype(arg.dtype).name]
 
 
 def _launch_interpreted(kernel, args, grid, out_shapes, constexprs):

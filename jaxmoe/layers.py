@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax import nnx
 
 from jaxmoe.api import moe
 from jaxmoe.reference import MoEAux
 
 Initializer = Callable[..., jax.Array]
+
+# Outside nnx.capture, flax stores sown values as module attributes that gain an entry per call, so
+# every nnx.jit call sees a new module and retraces. flax >= 0.12.11 can skip that instead.
+_SOW_OPTIONS = {"capture_noop": True} if "capture_noop" in inspect.signature(nnx.Module.sow).parameters else {}
+
 
 def default_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
     """Truncated normal with variance 1 / fan-in, the fan-in being the second-to-last axis.
@@ -83,9 +90,10 @@ def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int
 
 
 def _logically_partitioned(init: Initializer, logical_axes) -> Initializer:
-    # Flax 0.12 shards an annotated Variable as it is created and raises when no mesh is set. The
-    # layer must also work unsharded, so the annotation is only recorded until a mesh is in scope.
-    if jax.sharding.get_abstract_mesh().empty:
+    # Flax 0.12 shards an annotated Variable as it is created, and raises unless a mesh is set and
+    # logical axis rules map our names onto its axes. Without both, the annotation is only recorded,
+    # so the layer also works unsharded and on a mesh meant for data parallelism alone.
+    if jax.sharding.get_abstract_mesh().empty or not nn.get_logical_axis_rules():
         return nnx.with_partitioning(init, logical_axes, eager_sharding=False)
     return nnx.with_partitioning(init, logical_axes)
 
@@ -98,8 +106,9 @@ class MoELayer(nnx.Module):
     `num_shared_experts` = S > 0, a dense SwiGLU of hidden size S * d_ff runs on every token and is
     added to that sum, as in DeepSeek-MoE and Qwen2-MoE.
 
-    Parameters, with their logical axis names (``nnx.get_partition_spec`` reads them; under a mesh
-    with ``flax.linen.logical_axis_rules`` set, they are sharded as they are created):
+    Parameters, with their logical axis names. ``nnx.get_partition_spec`` reads them; created under
+    a mesh (``jax.set_mesh``) and ``nnx.logical_axis_rules`` that map "expert", "embed" and "mlp" to
+    mesh axes or None, the parameters come out sharded.
 
       router [d, E] ("embed", None); w_gate, w_up [E, d, f] ("expert", "embed", "mlp");
       w_down [E, f, d] ("expert", "mlp", "embed"); and with S > 0, shared_w_gate, shared_w_up
@@ -107,8 +116,10 @@ class MoELayer(nnx.Module):
 
     Each call sows its router statistics as ``nnx.Intermediate`` values named "load_balancing_loss",
     "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`). Read them with ``nnx.capture``, which
-    returns them beside the output, each as a tuple with one entry per call; outside ``nnx.capture``
-    nothing is recorded, so a plain call leaves the module unchanged.
+    returns them beside the output, each as a tuple with one entry per call. Outside ``nnx.capture``
+    nothing is recorded with flax >= 0.12.11; older flax appends them to module attributes on every
+    call, which makes ``nnx.jit`` retrace, so there run the layer under ``nnx.capture`` or take them
+    off with ``nnx.pop(model, nnx.Intermediate)`` after each call.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -161,7 +172,5 @@ class MoELayer(nnx.Module):
                                  renormalize=self.renormalize, dtype=self.dtype,
                                  implementation=self.implementation)
         for name, value in aux._asdict().items():
-            # capture_noop: outside nnx.capture, sowing would add a module attribute that grows by
-            # one entry per call, which makes nnx.jit retrace every step.
-            self.sow(nnx.Intermediate, name, value, capture_noop=True)
+            self.sow(nnx.Intermediate, name, value, **_SOW_OPTIONS)
         return y

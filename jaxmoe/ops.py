@@ -74,10 +74,10 @@ def _route_forward(logits, bias, options: _RouteOptions):
     block_e = _next_pow2(E)
     block_t = max(1, min(64, 4096 // block_e))
     weights, ids, probs = launch(
-        routing_kernels.topk_routing_kernel, logits, logits if bias is None else bias, T, E,
+        routing_kernels.topk_routing_kernel, logits, logits if bias is None else bias, T,
         grid=(_cdiv(T, block_t),), mode=options.mode, num_warps=4,
         out_shapes=[_out((T, k), _F32), _out((T, k), _I32), _out((T, E), _F32)],
-        TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(k),
+        E=E, TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(k),
         SIGMOID=options.scoring == "sigmoid", RENORMALIZE=options.renormalize, HAS_BIAS=bias is not None)
     return weights, ids, probs
 
@@ -131,32 +131,42 @@ def max_row_blocks(n_assignments: int, E: int, block_m: int) -> int:
 
 
 def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str) -> Dispatch:
+    """Sorts assignments by expert on the device: one launch for small batches, two otherwise."""
     n = flat_ids.shape[0]
     block_e = _next_pow2(E)
-    sub = max(16, min(1024, 4096 // block_e))
-    chunk = max(sub, min(4096, _next_pow2(_cdiv(n, 128))))
-    n_chunks = _cdiv(n, chunk)
     n_blocks = max_row_blocks(n, E, block_m)
+    # Small batches: one program takes all assignments in a single one-hot tile of up to 16K entries
+    # (serial tile loops would dominate a decode step). Larger ones: 4K-entry tiles, many programs.
+    single_chunk = _next_pow2(n) * block_e <= 16384
+    if single_chunk:
+        chunk = sub = _next_pow2(n)
+        block_tile = max(16, min(_next_pow2(n_blocks), 16384 // block_e))
+    else:
+        sub = max(16, 4096 // block_e)
+        chunk = max(sub, min(4096, _next_pow2(_cdiv(n, 128))))
+        block_tile = max(16, 4096 // block_e)
+    n_chunks = _cdiv(n, chunk)
     flat_ids = flat_ids.astype(_I32)
+    tiles = dict(E=E, CHUNK=chunk, SUB=sub, BLOCK_E=block_e)
 
-    (chunk_counts,) = launch(
-        dispatch_kernels.count_chunks_kernel, flat_ids, n, E, grid=(n_chunks,), mode=mode,
-        out_shapes=[_out((n_chunks, E), _I32)], CHUNK=chunk, SUB=sub, BLOCK_E=block_e)
-    chunk_starts, expert_offsets, block_experts, block_rows = launch(
-        dispatch_kernels.plan_blocks_kernel, chunk_counts, n_chunks, E, n_blocks, grid=(1,), mode=mode,
-        out_shapes=[_out((n_chunks, E), _I32), _out((E + 1,), _I32), _out((n_blocks,), _I32),
+    if single_chunk:
+        chunk_counts = flat_ids  # not read
+    else:
+        (chunk_counts,) = launch(dispatch_kernels.count_chunks_kernel, flat_ids, n, grid=(n_chunks,), mode=mode,
+                                 out_shapes=[_out((n_chunks, E), _I32)], **tiles)
+    outs = launch(
+        dispatch_kernels.scatter_kernel, flat_ids, chunk_counts, n, n_chunks, n_blocks, grid=(n_chunks,),
+        mode=mode, num_warps=8 if single_chunk else 4,
+        out_shapes=[_out((n,), _I32), _out((n,), _I32), _out((E + 1,), _I32), _out((n_blocks,), _I32),
                     _out((n_blocks,), _I32)],
-        BLOCK_M=block_m, CHUNK_TILE=max(16, min(_next_pow2(n_chunks), 4096 // block_e)), BLOCK_E=block_e,
-        BLOCK_TILE=max(16, 4096 // block_e))
-    sorted_assignments, assignment_rows = launch(
-        dispatch_kernels.scatter_kernel, flat_ids, chunk_starts, expert_offsets, n, E, grid=(n_chunks,),
-        mode=mode, out_shapes=[_out((n,), _I32), _out((n,), _I32)], CHUNK=chunk, SUB=sub, BLOCK_E=block_e)
-    return Dispatch(sorted_assignments, assignment_rows, expert_offsets, block_experts, block_rows)
+        BLOCK_M=block_m, CHUNK_TILE=max(16, min(_next_pow2(n_chunks), 4096 // block_e)),
+        BLOCK_TILE=block_tile, SINGLE_CHUNK=single_chunk, **tiles)
+    return Dispatch(*outs)
 
 
 # ----------------------------------------------------------------------------------- expert FFN
 
-def dot_precision(dtype) -> str:
+def dot_precision(dtype, mode: str) -> str:
     """tl.dot input precision for float32 operands, following jax.default_matmul_precision as XLA does."""
     if jnp.dtype(dtype) != jnp.float32:
         return "ieee"  # unused for 16-bit operands
@@ -164,35 +174,51 @@ def dot_precision(dtype) -> str:
     if setting in ("highest", "float32"):
         return "ieee"
     if setting in ("high", "bfloat16_3x", "tensorfloat32_3x"):
-        return "tf32x3"
+        return "ieee" if _on_rocm(mode) else "tf32x3"  # AMD's Triton backend has no tf32x3
     return "tf32"
+
+
+def _on_rocm(mode: str) -> bool:
+    return mode == "triton" and "rocm" in jax.devices()[0].client.platform_version.lower()
 
 
 def grouped_gemm(a, b, b2, row_weights, d: Dispatch, *, n_out: int, top_k: int, block_m: int,
                  gemm: configs.GemmConfig, gather_a: bool, gated: bool, scale_rows: bool, precision: str,
                  out_dtype, mode: str) -> jax.Array:
-    """out [n, N] (sorted rows) = epilogue(A[rows] @ B[expert]); see kernels/grouped_gemm.py."""
+    """epilogue(A[rows] @ B[expert]) in sorted row order; see kernels/grouped_gemm.py.
+
+    Returns [n, N] in out_dtype, or [split_k, n, N] float32 partial sums when gemm.split_k > 1.
+    """
     E, K, N = b.shape
     n = d.sorted_assignments.shape[0]
     n_blocks = d.block_experts.shape[0]
+    splits = gemm.split_k
+    if gated and splits > 1:
+        raise ValueError("split-K cannot apply to the gated GEMM: its SwiGLU epilogue needs whole sums")
+    k_per_split = _cdiv(_cdiv(K, gemm.block_k), splits) * gemm.block_k
+    out_shape = _out((n, n_out), out_dtype) if splits == 1 else _out((splits, n, n_out), _F32)
     (out,) = launch(
         gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, d.sorted_assignments, d.expert_offsets,
-        d.block_experts, d.block_rows, N, K, n_blocks, top_k, a.shape[1], K * N, N, 1, N,
-        grid=(n_blocks * _cdiv(N, gemm.block_n),), mode=mode, out_shapes=[_out((n, n_out), out_dtype)],
+        d.block_experts, d.block_rows, n_blocks,
+        grid=(n_blocks * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-        BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+        N=N, K=K, top_k=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=N, stride_bn=1, stride_om=N,
+        stride_os=n * N, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
         GATHER_A=gather_a, GATED=gated, SCALE_ROWS=scale_rows, EVEN_K=K % gemm.block_k == 0,
-        DOT_PRECISION=precision)
+        SPLIT_K=splits, K_PER_SPLIT=k_per_split, DOT_PRECISION=precision)
     return out
 
 
 def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: str) -> jax.Array:
-    D = expert_rows.shape[1]
+    """Sums each token's k weighted rows; expert_rows is [n, D] or split-K planes [splits, n, D]."""
+    if expert_rows.ndim == 2:
+        expert_rows = expert_rows[None]
+    splits, n, D = expert_rows.shape
     block_d = min(1024, _next_pow2(D))
     block_t = max(1, 4096 // block_d)
-    (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T, D, top_k,
+    (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T,
                   grid=(_cdiv(T, block_t), _cdiv(D, block_d)), mode=mode, out_shapes=[_out((T, D), out_dtype)],
-                  BLOCK_T=block_t, BLOCK_D=block_d)
+                  D=D, top_k=top_k, SPLITS=splits, stride_split=n * D, BLOCK_T=block_t, BLOCK_D=block_d)
     return y
 
 
@@ -204,7 +230,7 @@ class _FFNOptions:
 
 
 def _device_kind(mode: str) -> str:
-    return "interpret" if mode == "interpret" else jax.devices()[0].device_kind
+    return jax.devices()[0].device_kind if mode == "triton" else "cpu"
 
 
 def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options: _FFNOptions):
@@ -257,5 +283,5 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, mode: str = "triton",
     The backward is the jax.lax reference's VJP until the Triton backward kernels land: exact, slower,
     and the forward stays fused.
     """
-    options = _FFNOptions(mode, config, dot_precision(x.dtype))
+    options = _FFNOptions(mode, config, dot_precision(x.dtype, mode))
     return _fused_expert_ffn(x, weights, ids, w_gate, w_up, w_down, options)

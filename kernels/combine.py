@@ -1,6 +1,8 @@
 """Combine: each token's output is the sum of its k expert rows, already scaled by routing weights.
 
-    y[t, :] = sum_j expert_rows[assignment_rows[t * k + j], :]   (rows of dropped ids skipped)
+    y[t, :] = sum_j sum_s expert_rows[s, assignment_rows[t * k + j], :]   (rows of dropped ids skipped)
+
+s runs over the SPLITS partial-sum planes of a split-K down projection (one plane without split-K).
 
 Tiling: a program owns BLOCK_T tokens x BLOCK_D columns and adds the k rows in slot order j = 0..k-1
 in float32 registers, so the sum is the same every run (no atomics decide its order).
@@ -15,9 +17,11 @@ def combine_kernel(
     expert_rows_ptr,  # [n_assignments, D] sorted order, weighted
     assignment_rows_ptr,  # [T * top_k] int32, -1 for dropped assignments
     T,
-    D,
-    top_k,
     y_ptr,  # [T, D]
+    D: tl.constexpr,  # constexpr so the compiler sees rows are 16-byte aligned and vectorises
+    top_k: tl.constexpr,
+    SPLITS: tl.constexpr,
+    stride_split: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -26,11 +30,12 @@ def combine_kernel(
     token_ok = tokens < T
     col_ok = cols < D
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for j in range(0, top_k):
+    for j in tl.static_range(top_k):
         row = tl.load(assignment_rows_ptr + tokens * top_k + j, mask=token_ok, other=-1)
         row_ok = token_ok & (row >= 0)
-        values = tl.load(expert_rows_ptr + row.to(tl.int64)[:, None] * D + cols[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += values.to(tl.float32)
+        for s in tl.static_range(SPLITS):
+            values = tl.load(expert_rows_ptr + s * stride_split + row.to(tl.int64)[:, None] * D + cols[None, :],
+                             mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += values.to(tl.float32)
     tl.store(y_ptr + tokens[:, None] * D + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=token_ok[:, None] & col_ok[None, :])

@@ -1,22 +1,24 @@
 """Dispatch: a stable sort of the T*k assignments by expert, plus the GEMMs' block-to-expert map.
 
-Assignment a = t * k + j sends token t to expert ids[t, j]. Three launches, no atomics, so every
-position is decided by integer prefix sums and the order within an expert is assignment order:
+Assignment a = t * k + j sends token t to expert ids[t, j]. No atomics: every position comes from
+integer prefix sums, so the order within an expert is assignment order and runs are reproducible.
 
-1. count_chunks_kernel: program c counts, per expert, the assignments of its CHUNK-long slice
-   (one-hot rows summed in SUB-row tiles)                             -> chunk_counts [n_chunks, E]
-2. plan_blocks_kernel (one program): exclusive prefix sums of chunk_counts down the chunks
-   (chunk_starts) and across experts (expert_offsets), then the map from GEMM row blocks to
-   experts. Expert e owns cdiv(count_e, BLOCK_M) blocks; block b of the concatenation starts at
-   sorted row block_rows[b]. Blocks past the last real one get expert -1, so the GEMMs, launched
-   over a static worst-case grid, skip them on the device.
-3. scatter_kernel: program c ranks each assignment among the earlier ones of its expert in the
-   same slice (a cumulative sum of one-hot rows) and writes
-       sorted_assignments[expert_offsets[e] + chunk_starts[c, e] + rank] = a
+1. count_chunks_kernel (skipped when one chunk holds everything): program c counts, per expert,
+   the assignments of its CHUNK-long slice                            -> chunk_counts [n_chunks, E]
+2. scatter_kernel: program c reads every chunk's counts to get the expert totals and the rows its
+   own slice starts at (a prefix sum over earlier chunks), then ranks each assignment among the
+   earlier ones of its expert in the slice (a cumulative sum of one-hot rows) and writes
+       sorted_assignments[expert_offsets[e] + rows of e in chunks < c + rank] = a
        assignment_rows[a] = that sorted row (-1 for ids outside [0, E)).
+   The same programs also write the map from GEMM row blocks to experts, a strided share each:
+   expert e owns cdiv(count_e, BLOCK_M) blocks, and block b of the concatenation starts at sorted
+   row block_rows[b]. Blocks past the last real one get expert -1, so the GEMMs, launched over a
+   static worst-case grid, skip them on the device.
 
-Ids outside [0, E) fall into an overflow bin that no expert owns, so they are dropped.
-Padding exists only in index space: rows of a block past its expert's end are masked, never copied.
+Tiling: assignments are read SUB at a time as [SUB, BLOCK_E] one-hot tiles (BLOCK_E >= E, a power of
+two), so counting and ranking are column sums and cumulative sums of small register tiles.
+Ids outside [0, E) have all-zero one-hot rows, so they are dropped. Padding exists only in index
+space: rows of a block past its expert's end are masked by the GEMMs, never copied.
 """
 
 import triton
@@ -24,7 +26,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _one_hot(ids_ptr, first, n_assignments, E, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
+def _one_hot(ids_ptr, first, n_assignments, E: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
     """[SUB, BLOCK_E] int32 one-hot rows of assignments first .. first+SUB; invalid rows are all zero."""
     rows = first + tl.arange(0, SUB)
     ids = tl.load(ids_ptr + rows, mask=rows < n_assignments, other=-1)
@@ -34,94 +36,73 @@ def _one_hot(ids_ptr, first, n_assignments, E, SUB: tl.constexpr, BLOCK_E: tl.co
 
 
 @triton.jit
+def _count_chunk(ids_ptr, chunk, n_assignments, E: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for sub in range(0, CHUNK, SUB):
+        hit, _, _ = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, E, SUB, BLOCK_E)
+        counts += tl.sum(hit, axis=0)
+    return counts
+
+
+@triton.jit
 def count_chunks_kernel(
     ids_ptr,  # [n_assignments] int32
     n_assignments,
-    E,
     chunk_counts_ptr,  # [n_chunks, E] int32
+    E: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for sub in range(0, CHUNK, SUB):
-        hit, _, _ = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, E, SUB, BLOCK_E)
-        counts += tl.sum(hit, axis=0)
+    counts = _count_chunk(ids_ptr, chunk, n_assignments, E, CHUNK, SUB, BLOCK_E)
     experts = tl.arange(0, BLOCK_E)
     tl.store(chunk_counts_ptr + chunk * E + experts, counts, mask=experts < E)
 
 
 @triton.jit
-def plan_blocks_kernel(
-    chunk_counts_ptr,  # [n_chunks, E] int32
+def scatter_kernel(
+    ids_ptr,  # [n_assignments] int32
+    chunk_counts_ptr,  # [n_chunks, E] int32 (unused when SINGLE_CHUNK)
+    n_assignments,
     n_chunks,
-    E,
     n_blocks,  # static worst-case number of row blocks
-    chunk_starts_ptr,  # [n_chunks, E] int32: rows of expert e in earlier chunks
+    sorted_assignments_ptr,  # [n_assignments] int32: assignment at each sorted row
+    assignment_rows_ptr,  # [n_assignments] int32: sorted row of each assignment, -1 if dropped
     expert_offsets_ptr,  # [E + 1] int32: first sorted row of each expert; [E] = valid assignments
     block_experts_ptr,  # [n_blocks] int32: expert of each row block, -1 past the end
     block_rows_ptr,  # [n_blocks] int32: first sorted row of each row block
+    E: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    CHUNK_TILE: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    BLOCK_TILE: tl.constexpr,
-):
-    experts = tl.arange(0, BLOCK_E)
-    expert_ok = experts < E
-
-    totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for first in range(0, n_chunks, CHUNK_TILE):
-        chunks = first + tl.arange(0, CHUNK_TILE)
-        tile_ok = (chunks[:, None] < n_chunks) & expert_ok[None, :]
-        offsets = chunks[:, None] * E + experts[None, :]
-        counts = tl.load(chunk_counts_ptr + offsets, mask=tile_ok, other=0)
-        starts = tl.cumsum(counts, axis=0) - counts + totals[None, :]
-        tl.store(chunk_starts_ptr + offsets, starts, mask=tile_ok)
-        totals += tl.sum(counts, axis=0)
-
-    expert_ends = tl.cumsum(totals, axis=0)
-    expert_starts = expert_ends - totals
-    tl.store(expert_offsets_ptr + experts, expert_starts, mask=expert_ok)
-    tl.store(expert_offsets_ptr + E, tl.sum(totals, axis=0))
-
-    blocks_per_expert = (totals + BLOCK_M - 1) // BLOCK_M
-    block_ends = tl.cumsum(blocks_per_expert, axis=0)
-    block_starts = block_ends - blocks_per_expert
-    used_blocks = tl.sum(blocks_per_expert, axis=0)
-    for first in range(0, n_blocks, BLOCK_TILE):
-        blocks = first + tl.arange(0, BLOCK_TILE)
-        # Expert of block b = number of experts whose blocks all end at or before b.
-        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
-        is_owner = experts[None, :] == owner[:, None]
-        owner_row = tl.sum(tl.where(is_owner, expert_starts[None, :], 0), axis=1)
-        owner_block = tl.sum(tl.where(is_owner, block_starts[None, :], 0), axis=1)
-        row = owner_row + (blocks - owner_block) * BLOCK_M
-        live = blocks < used_blocks
-        in_range = blocks < n_blocks
-        tl.store(block_experts_ptr + blocks, tl.where(live, owner, -1), mask=in_range)
-        tl.store(block_rows_ptr + blocks, tl.where(live, row, 0), mask=in_range)
-
-
-@triton.jit
-def scatter_kernel(
-    ids_ptr,  # [n_assignments] int32
-    chunk_starts_ptr,  # [n_chunks, E] int32
-    expert_offsets_ptr,  # [E + 1] int32
-    n_assignments,
-    E,
-    sorted_assignments_ptr,  # [n_assignments] int32: assignment at each sorted row
-    assignment_rows_ptr,  # [n_assignments] int32: sorted row of each assignment, -1 if dropped
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    CHUNK_TILE: tl.constexpr,
+    BLOCK_TILE: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < E
-    # Where this chunk's rows of each expert begin in sorted order.
-    next_row = tl.load(chunk_starts_ptr + chunk * E + experts, mask=expert_ok, other=0)
-    next_row += tl.load(expert_offsets_ptr + experts, mask=expert_ok, other=0)
+
+    # totals[e]: assignments of expert e; before[e]: those in chunks before this one.
+    if SINGLE_CHUNK:
+        totals = _count_chunk(ids_ptr, chunk, n_assignments, E, CHUNK, SUB, BLOCK_E)
+        before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    else:
+        totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for first in range(0, n_chunks, CHUNK_TILE):
+            chunks = first + tl.arange(0, CHUNK_TILE)
+            counts = tl.load(chunk_counts_ptr + chunks[:, None] * E + experts[None, :],
+                             mask=(chunks[:, None] < n_chunks) & expert_ok[None, :], other=0)
+            totals += tl.sum(counts, axis=0)
+            before += tl.sum(tl.where(chunks[:, None] < chunk, counts, 0), axis=0)
+    expert_ends = tl.cumsum(totals, axis=0)
+    expert_starts = expert_ends - totals
+
+    next_row = expert_starts + before
     for sub in range(0, CHUNK, SUB):
         hit, rows, ids = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, E, SUB, BLOCK_E)
         rank = tl.cumsum(hit, axis=0) - hit  # earlier rows of the same expert within this tile
@@ -131,3 +112,24 @@ def scatter_kernel(
         tl.store(sorted_assignments_ptr + sorted_row, rows.to(tl.int32), mask=in_range & valid)
         tl.store(assignment_rows_ptr + rows, tl.where(valid, sorted_row, -1), mask=in_range)
         next_row += tl.sum(hit, axis=0)
+
+    if chunk == 0:
+        tl.store(expert_offsets_ptr + experts, expert_starts, mask=expert_ok)
+        tl.store(expert_offsets_ptr + E, tl.sum(totals, axis=0))
+
+    blocks_per_expert = (totals + BLOCK_M - 1) // BLOCK_M
+    block_ends = tl.cumsum(blocks_per_expert, axis=0)
+    block_starts = block_ends - blocks_per_expert
+    used_blocks = tl.sum(blocks_per_expert, axis=0)
+    for first in range(chunk * BLOCK_TILE, n_blocks, n_chunks * BLOCK_TILE):
+        blocks = first + tl.arange(0, BLOCK_TILE)
+        # Expert of block b = number of experts whose blocks all end at or before b.
+        owner = tl.sum((block_ends[None, :] <= blocks[:, None]).to(tl.int32), axis=1)
+        is_owner = experts[None, :] == owner[:, None]
+        owner_row = tl.sum(tl.where(is_owner, expert_starts[None, :], 0), axis=1)
+        owner_block = tl.sum(tl.where(is_owner, block_starts[None, :], 0), axis=1)
+        live = blocks < used_blocks
+        in_range = blocks < n_blocks
+        tl.store(block_experts_ptr + blocks, tl.where(live, owner, -1), mask=in_range)
+        tl.store(block_rows_ptr + blocks, tl.where(live, owner_row + (blocks - owner_block) * BLOCK_M, 0),
+                 mask=in_range)

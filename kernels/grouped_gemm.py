@@ -2,12 +2,16 @@
 
     for each row block b (expert e = block_experts[b], sorted rows r of that expert):
         GATED:      out[r, :] = silu(A[src(r)] @ B[e]) * (A[src(r)] @ B2[e])     (gate and up fused)
-        otherwise:  out[r, :] = A[src(r)] @ B[e]  (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
+        otherwise:  out[s, r, :] = A[src(r), Ks] @ B[e, Ks]  (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
+                    for each of SPLIT_K slices Ks of the K range (partial sums, added up by the combine)
     src(r) = sorted_assignments[r] // top_k if GATHER_A (rows of x, gathered inside the tile load,
              no permuted copy), else r (A already in sorted order).
 
 Tiling: a program computes a BLOCK_M x BLOCK_N tile of one row block, looping over K in BLOCK_K
 steps. With GATED, the A tile is loaded once and multiplied by both B tiles (two accumulators).
+SPLIT_K > 1 adds a second grid axis over K slices: with few rows per expert and a long K (Mixtral's
+down projection has K = 14336), whole-K tiles are too few to fill the card evenly. The partial sums
+go to separate float32 planes, and the combine adds them in a fixed order, so no atomics are needed.
 Program ids are swizzled in groups of GROUP_M row blocks so that consecutive programs reuse the
 same B tiles from L2: one expert's weights are far larger than L2 when T is large, and without the
 swizzle every row block would stream them from memory again.
@@ -33,17 +37,20 @@ def grouped_gemm_kernel(
     block_experts_ptr,  # [n_blocks] int32
     block_rows_ptr,  # [n_blocks] int32
     # dimensions
-    N,
-    K,
     n_blocks,
-    top_k,
-    stride_am,
-    stride_be,
-    stride_bk,
-    stride_bn,
-    stride_om,
     # outputs
     out_ptr,  # [n_assignments, N], sorted order
+    # shapes and strides are constexpr: the compiler must know they are multiples of 8 elements to
+    # emit 16-byte vector loads and asynchronous copies (jax-triton passes int scalars without that hint)
+    N: tl.constexpr,
+    K: tl.constexpr,
+    top_k: tl.constexpr,
+    stride_am: tl.constexpr,
+    stride_be: tl.constexpr,
+    stride_bk: tl.constexpr,
+    stride_bn: tl.constexpr,
+    stride_om: tl.constexpr,
+    stride_os: tl.constexpr,  # between the SPLIT_K output planes
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -53,6 +60,8 @@ def grouped_gemm_kernel(
     GATED: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -81,21 +90,23 @@ def grouped_gemm_kernel(
 
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    k_first = tl.program_id(1) * K_PER_SPLIT
+    k_last = min(k_first + K_PER_SPLIT, K)
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
-    b_offsets = expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
+    b_offsets = expert * stride_be + (k_first + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
     b_ptrs = b_ptr + b_offsets
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         b2_ptrs = b2_ptr + b_offsets
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_first, k_last, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
         else:
-            k_ok = ks < K - k0
+            k_ok = ks < k_last - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -113,5 +124,5 @@ def grouped_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc2
     if SCALE_ROWS:
         acc = acc * tl.load(row_weights_ptr + assignments, mask=row_ok, other=0.0)[:, None]
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    out_ptrs = out_ptr + tl.program_id(1) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -21,12 +21,12 @@ def topk_routing_kernel(
     bias_ptr,  # [E] float32 (read only if HAS_BIAS)
     # dimensions
     T,
-    E,
     # outputs
     weights_ptr,  # [T, TOP_K] float32
     ids_ptr,  # [T, TOP_K] int32
     probs_ptr,  # [T, E] float32
     # meta-parameters
+    E: tl.constexpr,  # the row stride: constexpr so loads of whole rows vectorise
     TOP_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,

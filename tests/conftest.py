@@ -13,7 +13,6 @@ TOLERANCE = {
     jnp.dtype(jnp.float16): 5e-3,
     jnp.dtype(jnp.bfloat16): 1e-2,
 }
-TF32_TOLERANCE = 2e-3  # float32 operands on tensor cores at JAX's default matmul precision
 
 
 def has_gpu() -> bool:

@@ -1,5 +1,6 @@
 """The benchmark harness runs end to end in CPU mode and writes well-formed rows."""
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -54,3 +55,28 @@ def test_counting_and_table_formatting():
             {"shape": "tiny", "T": 16, "pass": "fwd", "impl": "tokamax", "error": "boom"}]
     table = bench.format_table(rows)
     assert "2.00x" in table and "FAILED" in table
+
+
+def test_peer_ragged_dot_wrapper_matches_lax_ragged_dot():
+    """The custom-VJP wrapper the tokamax rows use, driven by jax.lax.ragged_dot_general on CPU."""
+    import jax.numpy as jnp
+
+    def general(lhs, rhs, group_sizes, dims, precision, preferred_element_type):
+        return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
+                                          preferred_element_type=preferred_element_type)
+
+    wrapped = bench.make_ragged_dot(general)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(k1, (10, 6), jnp.float32)
+    rhs = jax.random.normal(k2, (3, 6, 5), jnp.float32)
+    dout = jax.random.normal(k3, (10, 5), jnp.float32)
+    group_sizes = jnp.array([4, 0, 6], jnp.int32)
+
+    def loss(fn, lhs, rhs):
+        return jnp.sum(fn(lhs, rhs, group_sizes, preferred_element_type=jnp.float32) * dout)
+
+    got = jax.value_and_grad(functools.partial(loss, wrapped), argnums=(0, 1))(lhs, rhs)
+    want = jax.value_and_grad(functools.partial(loss, jax.lax.ragged_dot), argnums=(0, 1))(lhs, rhs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert jnp.allclose(g, w, rtol=1e-4, atol=1e-4)

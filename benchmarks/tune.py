@@ -1,0 +1,209 @@
+"""Regenerates jaxmoe/tuned_configs.json on the GPU, and times the pipeline stage by stage.
+
+    python -m benchmarks.tune --stages                 # per-stage ms with the configs jaxmoe picks today
+    python -m benchmarks.tune --out $OUT/table.json    # sweep configs per (shape, T), write the table
+
+For each (shape, T) the sweep fixes the routing of random bf16 inputs, then for each candidate BLOCK_M
+times the gate+up GEMM and the down GEMM separately over a short list of tile shapes, and keeps the
+BLOCK_M whose best pair (plus its dispatch) is fastest. Entries are keyed by device, dtype, E, d, f
+and the rows-per-expert bucket (see jaxmoe/config.py), so every T of a bucket shares an entry.
+Candidates that do not fit the card (shared memory) are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jaxmoe
+from jaxmoe import config as configs
+from jaxmoe import ops, reference
+from benchmarks import shapes as shapes_lib
+from benchmarks.moe import time_fn
+
+# (block_n, block_k, num_warps, num_stages) per BLOCK_M class
+SMALL_M = [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5)]
+MID_M = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (128, 128, 8, 3)]
+LARGE_M = [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3)]
+
+
+def block_m_candidates(bucket: int) -> list[int]:
+    if bucket <= 4:
+        return [16]
+    if bucket <= 16:
+        return [16, 32]
+    if bucket <= 32:
+        return [16, 32, 64]
+    if bucket <= 128:
+        return [32, 64, 128]
+    return [64, 128]
+
+
+# split-K candidates for the down projection when few rows meet a long K (block_n, block_k, warps, stages, splits)
+SPLIT_DOWN = [(64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4), (64, 256, 4, 3, 4)]
+
+
+def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfig]:
+    table = SMALL_M if block_m <= 32 else MID_M if block_m == 64 else LARGE_M
+    found = [configs.GemmConfig(bn, bk, 8, w, s) for bn, bk, w, s in table]
+    if not gated and block_m <= 32 and K >= 4096:
+        found += [configs.GemmConfig(bn, bk, 8, w, s, split) for bn, bk, w, s, split in SPLIT_DOWN]
+    return found
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+class Cell:
+    """Fixed random inputs and routing for one (shape, T)."""
+
+    def __init__(self, shape: shapes_lib.MoEShape, T: int, seed: int = 0):
+        keys = jax.random.split(jax.random.key(seed), 5)
+        E, d, f, k = shape.E, shape.d, shape.f, shape.k
+        bf16 = jnp.bfloat16
+        self.shape, self.T = shape, T
+        self.x = jax.random.normal(keys[0], (T, d), bf16)
+        self.router = (jax.random.normal(keys[1], (d, E)) / math.sqrt(d)).astype(bf16)
+        self.w_gate = (jax.random.normal(keys[2], (E, d, f), bf16) / math.sqrt(d)).astype(bf16)
+        self.w_up = (jax.random.normal(keys[3], (E, d, f), bf16) / math.sqrt(d)).astype(bf16)
+        self.w_down = (jax.random.normal(keys[4], (E, f, d), bf16) / math.sqrt(f)).astype(bf16)
+        self.logits = jax.jit(reference.router_logits)(self.x, self.router)
+        routing = jax.jit(functools.partial(jaxmoe.route, top_k=k))(self.logits)
+        self.weights, self.ids = routing.weights, routing.ids
+        self.row_weights = routing.weights.reshape(-1)
+        jax.block_until_ready(self.ids)
+
+    def gate_up(self, disp, block_m, gemm):
+        fn = jax.jit(lambda x, wg, wu, w, dp: ops.grouped_gemm(
+            x, wg, wu, w, dp, n_out=self.shape.f, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=True,
+            gated=True, scale_rows=False, precision="ieee", out_dtype=x.dtype, mode="triton"))
+        return fn, (self.x, self.w_gate, self.w_up, self.row_weights, disp)
+
+    def down(self, h, disp, block_m, gemm):
+        fn = jax.jit(lambda hh, wd, w, dp: ops.grouped_gemm(
+            hh, wd, wd, w, dp, n_out=self.shape.d, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=False,
+            gated=False, scale_rows=True, precision="ieee", out_dtype=hh.dtype, mode="triton"))
+        return fn, (h, self.w_down, self.row_weights, disp)
+
+
+def _time(fn, args, min_time_s) -> float:
+    return time_fn(fn, [args], min_time_s=min_time_s, sync_each=False).ms
+
+
+def best_gemm(make, candidates, min_time_s):
+    best = None
+    for gemm in candidates:
+        fn, args = make(gemm)
+        try:
+            ms = _time(fn, args, min_time_s)
+        except Exception as err:  # typically: out of shared memory for this tile shape
+            log(f"      skip {gemm}: {str(err).splitlines()[0][:120]}")
+            continue
+        log(f"      {ms:8.4f} ms  {gemm}")
+        if best is None or ms < best[0]:
+            best = (ms, gemm)
+    return best
+
+
+def tune_cell(cell: Cell, min_time_s: float):
+    s = cell.shape
+    bucket = configs.rows_bucket(cell.T, s.k, s.E)
+    results = []
+    for block_m in block_m_candidates(bucket):
+        dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, block_m, "triton"))
+        disp = dispatch_fn(cell.ids)
+        dispatch_ms = _time(dispatch_fn, (cell.ids,), min_time_s)
+        log(f"    BLOCK_M={block_m}: dispatch {dispatch_ms:.4f} ms; gate+up:")
+        gate = best_gemm(lambda g: cell.gate_up(disp, block_m, g), gemm_candidates(block_m, True, s.d), min_time_s)
+        if gate is None:
+            continue
+        fn, args = cell.gate_up(disp, block_m, gate[1])
+        h = fn(*args)
+        log("    down:")
+        down = best_gemm(lambda g: cell.down(h, disp, block_m, g), gemm_candidates(block_m, False, s.f), min_time_s)
+        if down is None:
+            continue
+        total = dispatch_ms + gate[0] + down[0]
+        log(f"    BLOCK_M={block_m}: total {total:.4f} ms")
+        results.append((total, configs.MoEConfig(block_m, gate[1], down[1])))
+    return min(results, key=lambda r: r[0]) if results else None
+
+
+def stages(cell: Cell, min_time_s: float) -> dict[str, float]:
+    """Per-stage ms with the config jaxmoe picks for this cell."""
+    s = cell.shape
+    cfg = configs.select(jax.devices()[0].device_kind, "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, "triton"))
+    disp = dispatch_fn(cell.ids)
+    gate_fn, gate_args = cell.gate_up(disp, cfg.block_m, cfg.gate_up)
+    h = gate_fn(*gate_args)
+    down_fn, down_args = cell.down(h, disp, cfg.block_m, cfg.down)
+    rows = down_fn(*down_args)
+    moe = jax.jit(functools.partial(jaxmoe.moe, top_k=s.k, implementation="triton"))
+    return {
+        "route": _time(jax.jit(lambda lg: ops.route(lg, s.k, mode="triton")), (cell.logits,), min_time_s),
+        "dispatch": _time(dispatch_fn, (cell.ids,), min_time_s),
+        "gate_up": _time(gate_fn, gate_args, min_time_s),
+        "down": _time(down_fn, down_args, min_time_s),
+        "combine": _time(jax.jit(lambda r, a: ops.combine(r, a, cell.T, s.k, r.dtype, "triton")),
+                         (rows, disp.assignment_rows), min_time_s),
+        "moe": _time(moe, (cell.x, cell.router, cell.w_gate, cell.w_up, cell.w_down), min_time_s),
+        "config": str(cfg),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(shapes_lib.GPU_SHAPES))
+    parser.add_argument("--tokens", default=",".join(map(str, shapes_lib.GPU_TOKENS)))
+    parser.add_argument("--stages", action="store_true", help="time each stage instead of sweeping configs")
+    parser.add_argument("--out", default=str(configs.TABLE_PATH), help="table to merge the results into")
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds of timing per candidate")
+    parser.add_argument("--budget", type=float, default=480, help="stop starting new cells after this many s")
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        log("benchmarks.tune needs a GPU")
+        return 1
+    device = configs.device_key(jax.devices()[0].device_kind)
+    log(f"card: {jax.devices()[0].device_kind} -> '{device}'")
+    try:
+        table = json.load(open(args.out))
+    except (FileNotFoundError, json.JSONDecodeError):
+        table = {}
+    start = time.perf_counter()
+    for name in args.shapes.split(","):
+        shape = shapes_lib.get(name)
+        for T in map(int, args.tokens.split(",")):
+            if time.perf_counter() - start > args.budget:
+                log(f"budget of {args.budget:.0f} s spent; stopping before {name} T={T}")
+                break
+            cell = Cell(shape, T)
+            if args.stages:
+                st = stages(cell, args.min_time)
+                parts = "  ".join(f"{k} {v:.4f}" for k, v in st.items() if k != "config")
+                log(f"{name:17s} T={T:5d}  {parts}  sum {sum(v for k, v in st.items() if k not in ('config', 'moe')):.4f}"
+                    f"  [{st['config']}]")
+                continue
+            bucket = configs.rows_bucket(T, shape.k, shape.E)
+            log(f"{name} T={T} (bucket {bucket}), {time.perf_counter() - start:.0f} s in")
+            best = tune_cell(cell, args.min_time)
+            if best is None:
+                continue
+            key = configs.table_key(device, "bfloat16", shape.E, shape.d, shape.f, bucket)
+            table[key] = {**best[1].to_json(), "ms": round(best[0], 4)}
+            log(f"  best {best[0]:.4f} ms: {best[1]}")
+            with open(args.out, "w") as fh:  # after every cell, so a cut-off run keeps what it found
+                json.dump(dict(sorted(table.items())), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""MoELayer in flax.nnx and flax.linen: parameters, metadata, sown aux, jit, training, options."""
+
+import functools
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxmoe
+
+D, F, E, K = 16, 24, 4, 2
+OPTIONS = dict(implementation="xla")
+ROUTED_AXES = {
+    "router": ("embed", None),
+    "w_gate": ("expert", "embed", "mlp"),
+    "w_up": ("expert", "embed", "mlp"),
+    "w_down": ("expert", "mlp", "embed"),
+}
+SHARED_AXES = {
+    "shared_w_gate": ("embed", "mlp"),
+    "shared_w_up": ("embed", "mlp"),
+    "shared_w_down": ("mlp", "embed"),
+}
+
+
+def make_nnx(seed=0, **options):
+    return jaxmoe.MoELayer(D, F, E, K, **OPTIONS, **options, rngs=nnx.Rngs(seed))
+
+
+moe = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla"))
+
+
+@nnx.jit
+def run(layer, x):
+    """(y, intermediates); jitted because op-by-op dispatch of the layer is what makes tests slow."""
+    return nnx.capture(layer, nnx.Intermediate)(x)
+
+
+def tokens(shape=(2, 5), seed=1):
+    return jax.random.normal(jax.random.key(seed), (*shape, D))
+
+
+def nnx_params(layer) -> dict[str, jax.Array]:
+    return {name: variable.get_value() for name, variable in nnx.state(layer, nnx.Param).items()}
+
+
+def captured_aux(intermediates) -> dict[str, jax.Array]:
+    """{name: value} for a layer called once under nnx.capture."""
+    return {name: variable.get_value()[0] for name, variable in intermediates.items()}
+
+
+def expected_shapes(num_shared_experts):
+    shapes = {"router": (D, E), "w_gate": (E, D, F), "w_up": (E, D, F), "w_down": (E, F, D)}
+    if num_shared_experts:
+        S = num_shared_experts * F
+        shapes |= {"shared_w_gate": (D, S), "shared_w_up": (D, S), "shared_w_down": (S, D)}
+    return shapes
+
+
+@pytest.mark.parametrize("num_shared_experts", [0, 2])
+def test_parameter_names_and_shapes(num_shared_experts):
+    layer = nnx.eval_shape(lambda: make_nnx(num_shared_experts=num_shared_experts))
+    assert {name: p.shape for name, p in nnx_params(layer).items()} == expected_shapes(num_shared_experts)
+
+    twin = jaxmoe.linen.MoELayer(D, F, E, K, num_shared_experts=num_shared_experts, **OPTIONS)
+    params = nn.unbox(jax.eval_shape(twin.init, jax.random.key(0), tokens()))["params"]
+    assert {name: p.shape for name, p in params.items()} == expected_shapes(num_shared_experts)
+
+
+def test_partitioning_metadata_names_logical_axes():
+    layer = nnx.eval_shape(lambda: make_nnx(num_shared_experts=1))
+    specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
+    assert {name: tuple(spec.get_value()) for name, spec in specs.items()} == ROUTED_AXES | SHARED_AXES
+
+    twin = jaxmoe.linen.MoELayer(D, F, E, K, num_shared_experts=1, **OPTIONS)
+    specs = nn.get_partition_spec(jax.eval_shape(twin.init, jax.random.key(0), tokens()))["params"]
+    assert {name: tuple(spec) for name, spec in specs.items()} == ROUTED_AXES | SHARED_AXES
+
+
+def test_parameters_are_sharded_when_created_under_a_mesh_with_rules():
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        unsharded = make_nnx()  # no rules say where "expert" goes: the names are only recorded
+        with nnx.logical_axis_rules((("expert", "model"), ("embed", None), ("mlp", None))):
+            sharded = make_nnx()
+    assert unsharded.w_gate.get_metadata()["out_sharding"] == ("expert", "embed", "mlp")
+    assert sharded.w_gate[...].sharding.spec == jax.sharding.PartitionSpec("model", None, None)
+
+
+def test_initial_scale_follows_fan_in():
+    layer = jaxmoe.MoELayer(64, 256, 8, 2, rngs=nnx.Rngs(0))
+    assert np.std(layer.w_gate[...]) == pytest.approx(64 ** -0.5, rel=0.05)
+    assert np.std(layer.w_down[...]) == pytest.approx(256 ** -0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("num_shared_experts", [0, 1])
+def test_nnx_and_linen_agree_given_the_same_parameters(num_shared_experts):
+    layer = make_nnx(num_shared_experts=num_shared_experts)
+    twin = jaxmoe.linen.MoELayer(D, F, E, K, num_shared_experts=num_shared_experts, **OPTIONS)
+    x = tokens()
+
+    y, intermediates = run(layer, x)
+    y_twin, state = jax.jit(twin.apply, static_argnames="mutable")({"params": nnx_params(layer)}, x,
+                                                                   mutable=("intermediates",))
+
+    np.testing.assert_array_equal(y_twin, y)
+    aux = captured_aux(intermediates)
+    aux_twin = {name: values[0] for name, values in state["intermediates"].items()}
+    assert aux_twin.keys() == aux.keys() == set(jaxmoe.MoEAux._fields)
+    for name in aux:
+        np.testing.assert_array_equal(aux_twin[name], aux[name])
+
+
+def test_sown_aux_is_moes_aux():
+    layer = make_nnx()
+    x = tokens()
+    _, intermediates = run(layer, x)
+    params = nnx_params(layer)
+    _, expected = moe(x, params["router"], params["w_gate"], params["w_up"], params["w_down"])
+    aux = captured_aux(intermediates)
+    for name, value in expected._asdict().items():
+        np.testing.assert_array_equal(aux[name], value)
+    assert int(aux["expert_counts"].sum()) == x.shape[0] * x.shape[1] * K
+
+
+def test_sown_aux_collects_one_entry_per_call():
+    layer = make_nnx()
+
+    def twice(layer, x):
+        return layer(layer(x))
+
+    _, intermediates = nnx.jit(nnx.capture(twice, nnx.Intermediate))(layer, tokens())
+    assert len(intermediates["router_z_loss"].get_value()) == 2
+
+
+@pytest.mark.skipif("capture_noop" not in inspect.signature(nnx.Module.sow).parameters,
+                    reason="flax < 0.12.11 stores sown values on the module outside nnx.capture")
+def test_a_plain_call_records_nothing():
+    layer = make_nnx()
+    layer(tokens())
+    assert not nnx.state(layer, nnx.Intermediate)
+
+
+def test_linen_sows_only_into_a_mutable_collection():
+    twin = jaxmoe.linen.MoELayer(D, F, E, K, **OPTIONS)
+    variables = twin.init(jax.random.key(0), tokens())
+    assert "intermediates" not in variables  # init's intermediates are not returned to keep
+    _, state = twin.apply(variables, tokens(), mutable=["intermediates"])
+    assert set(state["intermediates"]) == set(jaxmoe.MoEAux._fields)
+
+
+def test_eager_matches_jit():
+    layer = make_nnx()
+    x = tokens()
+    y, intermediates = nnx.capture(layer, nnx.Intermediate)(x)
+    y_jit, intermediates_jit = run(layer, x)
+    np.testing.assert_allclose(y, y_jit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(captured_aux(intermediates)["expert_counts"],
+                                  captured_aux(intermediates_jit)["expert_counts"])
+
+
+def test_trains_with_optax():
+    layer = make_nnx()
+    x = tokens((8, 16))
+    target = jnp.tanh(x[..., ::-1])  # a fixed function of each token that the experts can fit
+    optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(layer, optimizer):
+        def loss_fn(layer):
+            y, intermediates = nnx.capture(layer, nnx.Intermediate)(x)
+            aux = captured_aux(intermediates)
+            return jnp.mean((y - target) ** 2) + 0.01 * aux["load_balancing_loss"] + 1e-3 * aux["router_z_loss"]
+
+        loss, grads = nnx.value_and_grad(loss_fn)(layer)
+        optimizer.update(layer, grads)
+        return loss
+
+    losses = [float(step(layer, optimizer)) for _ in range(20)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_shared_experts_add_a_dense_swiglu():
+    layer = make_nnx(num_shared_experts=2)
+    x = tokens()
+    p = nnx_params(layer)
+    routed, _ = moe(x, p["router"], p["w_gate"], p["w_up"], p["w_down"])
+    shared = (jax.nn.silu(x @ p["shared_w_gate"]) * (x @ p["shared_w_up"])) @ p["shared_w_down"]
+    y, _ = run(layer, x)
+    np.testing.assert_allclose(y, routed + shared, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_with_float32_parameters():
+    layer = make_nnx(dtype=jnp.bfloat16)
+    x = tokens()
+    y, _ = run(layer, x)
+    assert y.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in nnx_params(layer).values())
+
+    y_float32, _ = run(make_nnx(), x)
+    np.testing.assert_allclose(y.astype(jnp.float32), y_float32, rtol=0.05, atol=0.05)
+
+
+def test_compute_dtype_defaults_to_the_input_dtype():
+    layer = make_nnx()
+    assert run(layer, tokens().astype(jnp.bfloat16))[0].dtype == jnp.bfloat16
+    assert run(layer, tokens())[0].dtype == jnp.float32
+
+
+def test_batch_and_sequence_dimensions_are_tokens():
+    layer = make_nnx()
+    x = tokens()  # [B, S, d]
+    y, _ = run(layer, x)
+    assert y.shape == x.shape
+    y_flat, _ = run(layer, x.reshape(-1, D))
+    np.testing.assert_allclose(y_flat.reshape(x.shape), y, rtol=1e-6)
