@@ -71,6 +71,16 @@ def shipped_launches() -> list[launch.LaunchRecord]:
     return list(unique.values())
 
 
+def int64_launches() -> list[launch.LaunchRecord]:
+    """Launches at a size whose offsets pass 2^31 (T=65536, k=8, d=4096): constexpr strides that large
+    must meet only int64 arithmetic in the kernels, or compilation fails."""
+    split = config.MoEConfig(16, config.GemmConfig(64, 64), config.GemmConfig(64, 64, split_k=2))
+    records = []
+    for cfg in (config.heuristic(4096, "bfloat16", 4096, 256), split):
+        records += _record_ffn("bfloat16", cfg, (65536, 4096, 256, 16, 8), "default")
+    return records
+
+
 def supported(record: launch.LaunchRecord, target: str) -> bool:
     """tf32x3 exists only on NVIDIA; ops.dot_precision never picks it on ROCm."""
     return not (TARGETS[target][0] == "hip" and record.constexprs.get("DOT_PRECISION") == "tf32x3")

@@ -26,6 +26,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to_tf32(x):
+    """Round-to-nearest to tf32's 10 mantissa bits, in portable integer ops.
+
+    Tensor cores given float32 operands at tf32 precision drop the low 13 mantissa bits (truncation),
+    which biases every product; rounding first brings the error down to what XLA's tf32 dots show.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def grouped_gemm_kernel(
     # pointers
     a_ptr,  # [rows of A, K]: x [T, K] if GATHER_A, else sorted activations [n_assignments, K]
@@ -109,12 +121,17 @@ def grouped_gemm_kernel(
             k_ok = ks < k_last - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_PRECISION == "tf32":
+            a = _round_to_tf32(a)
+            b = _round_to_tf32(b)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             if EVEN_K:
                 b2 = tl.load(b2_ptrs, mask=col_ok[None, :], other=0.0)
             else:
                 b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_PRECISION == "tf32":
+                b2 = _round_to_tf32(b2)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             b2_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K
@@ -124,5 +141,6 @@ def grouped_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc2
     if SCALE_ROWS:
         acc = acc * tl.load(row_weights_ptr + assignments, mask=row_ok, other=0.0)[:, None]
-    out_ptrs = out_ptr + tl.program_id(1) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    plane = tl.program_id(1).to(tl.int64) * stride_os  # n * N passes 2^31 for large batches
+    out_ptrs = out_ptr + plane + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -47,8 +47,12 @@ def reference_of(p: Problem):
 
 
 @pytest.fixture(autouse=True)
-def _highest(highest_precision):
-    yield
+def _highest(request):
+    if "default_precision" in request.keywords:
+        yield
+        return
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -163,3 +167,15 @@ def test_moe_end_to_end(impl):
     assert_close(y, y_ref, jnp.float32)
     np.testing.assert_array_equal(aux.expert_counts, aux_ref.expert_counts)
     np.testing.assert_allclose(aux.load_balancing_loss, aux_ref.load_balancing_loss, rtol=1e-5)
+
+
+@pytest.mark.default_precision
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_float32_follows_default_matmul_precision(impl):
+    """At "highest" float32 runs exactly; at JAX's default it may use (rounded) tf32 operands, as XLA does."""
+    p = Problem(28, 40, 64, 96, 4, 2)
+    with jax.default_matmul_precision("highest"):
+        exact = reference_of(p)
+        assert rel_err(run(impl, p), exact) <= 1e-5
+    with jax.default_matmul_precision("default"):
+        assert rel_err(run(impl, p), exact) <= 2e-3

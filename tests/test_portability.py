@@ -25,3 +25,8 @@ def test_compiles(record, target):
     compiled = portability.compile_record(record, target)
     binary = "cubin" if target.startswith("sm_") else "hsaco"
     assert compiled.asm[binary], f"no {binary} for {portability.describe(record)}"
+
+
+@pytest.mark.parametrize("record", portability.int64_launches(), ids=portability.describe)
+def test_compiles_where_offsets_pass_int32(record):
+    assert portability.compile_record(record, "sm_90").asm["cubin"]
