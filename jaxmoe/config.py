@@ -75,34 +75,42 @@ def _table() -> dict[str, MoEConfig]:
 
 
 def heuristic(bucket: int, dtype: str, d: int, f: int) -> MoEConfig:
-    """A reasonable config for shapes and cards the table has not seen.
+    """A reasonable config for shapes and cards the table has not seen; it follows the tuned winners.
 
-    Few rows per expert: the GEMMs stream weights, so small BLOCK_M (little padding) and deep K
-    tiles keep many bytes in flight. Many rows: large square-ish tiles for tensor-core throughput.
+    Few rows per expert: the GEMMs stream weights, so a small BLOCK_M (little padding) and wide tiles
+    keep many bytes in flight. Many rows: 128-row tiles, 8 warps, for tensor-core throughput.
     """
     if bucket <= 16:
-        block_m, gemm = 16, GemmConfig(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
-    elif bucket <= 32:
-        block_m, gemm = 32, GemmConfig(block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
-    elif bucket <= 128:
-        block_m, gemm = 64, GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+        cfg = MoEConfig(16, GemmConfig(128, 128, 8, 4, 3), GemmConfig(128, 64, 8, 4, 4))
+    elif bucket <= 64:
+        cfg = MoEConfig(64, GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4))
     else:
-        block_m, gemm = 128, GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+        cfg = MoEConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3))
     if dtype == "float32":  # twice the bytes per element: halve the K tile to fit shared memory
-        gemm = dataclasses.replace(gemm, block_k=max(32, gemm.block_k // 2), num_stages=min(gemm.num_stages, 3))
-    return MoEConfig(block_m, gemm, gemm)
+        cfg = dataclasses.replace(cfg, gate_up=_halve_k(cfg.gate_up), down=_halve_k(cfg.down))
+    return cfg
+
+
+def _halve_k(gemm: GemmConfig) -> GemmConfig:
+    return dataclasses.replace(gemm, block_k=max(32, gemm.block_k // 2), num_stages=min(gemm.num_stages, 3))
 
 
 def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int) -> MoEConfig:
     bucket = rows_bucket(n_tokens, top_k, E)
-    tuned = _table().get(table_key(device_key(device_kind), dtype, E, d, f, bucket))
-    return tuned if tuned is not None else heuristic(bucket, dtype, d, f)
+    device = device_key(device_kind)
+    # float16 tiles behave as bfloat16 ones (same bytes, same tensor-core rate): share their entries.
+    for table_dtype in (dtype, "bfloat16") if dtype == "float16" else (dtype,):
+        tuned = _table().get(table_key(device, table_dtype, E, d, f, bucket))
+        if tuned is not None:
+            return tuned
+    return heuristic(bucket, dtype, d, f)
 
 
 def shipped_configs() -> list[tuple[str, MoEConfig]]:
     """Every distinct (dtype, config) this package can pick: the table's and the heuristic's."""
     pairs = {(key.split("/")[1], cfg) for key, cfg in _table().items()}
-    for bucket in (1, 32, 64, 4096):  # one per heuristic branch
+    pairs |= {("float16", cfg) for dtype, cfg in list(pairs) if dtype == "bfloat16"}  # see select()
+    for bucket in (1, 64, 4096):  # one per heuristic branch
         for dtype in ("bfloat16", "float16", "float32"):
             pairs.add((dtype, heuristic(bucket, dtype, 128, 128)))
     return sorted(pairs, key=lambda pair: (pair[0], json.dumps(pair[1].to_json(), sort_keys=True)))

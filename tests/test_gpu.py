@@ -65,14 +65,19 @@ def test_float32_default_precision_is_no_worse_than_xla():
 
 
 def test_huge_token_count_int64_offsets():
-    """T = 65536, d = 4096, k = 8: the n x d expert-row buffer holds 2.1e9 elements, past 2^31."""
+    """T = 65536, d = 4096, k = 8: the n x d expert-row buffer holds 2.1e9 elements, past 2^31.
+
+    Each token's output depends on its own row only, so the reference runs on the first and last
+    tokens (the last are where a 32-bit offset would have wrapped): on all 65536 it needs 64 GiB.
+    """
     T, d, f, E, k = 65536, 4096, 256, 16, 8
     p = Problem(8, T, d, f, E, k, dtype=jnp.bfloat16)
     y = jax.jit(lambda *a: jaxmoe.expert_ffn(*a, implementation="triton"))(*p.args)
-    y_ref = jax.jit(reference.grouped_expert_ffn)(*p.args)
-    assert_close(y, y_ref, jnp.bfloat16)
-    # the last tokens are where a 32-bit offset would have wrapped
-    assert rel_err(y[-64:], y_ref[-64:]) <= 1e-2
+    rows = np.r_[0:1024, T - 3072:T]
+    y_ref = jax.jit(reference.grouped_expert_ffn)(p.x[rows], p.weights[rows], p.ids[rows], p.w_gate, p.w_up,
+                                                  p.w_down)
+    assert_close(y[rows], y_ref, jnp.bfloat16)
+    assert_close(y[-64:], y_ref[-64:], jnp.bfloat16)
 
 
 @pytest.mark.parametrize("shape", MODEL_SHAPES[1:], ids=lambda s: s[0])
