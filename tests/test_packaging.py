@@ -1,0 +1,36 @@
+"""The wheel ships jaxmoe with its kernels as jaxmoe.kernels, and never a top-level `kernels` module
+(that name belongs to Hugging Face's package, which transformers probes for)."""
+
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_wheel_contents(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(REPO)], check=True)
+    (wheel,) = tmp_path.glob("jaxmoe-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert "kernels" not in top_level
+    assert {"jaxmoe"} == {t for t in top_level if not t.endswith(".dist-info")}
+    for kernel in ("routing", "dispatch", "grouped_gemm", "combine"):
+        assert f"jaxmoe/kernels/{kernel}.py" in names
+    assert "jaxmoe/tuned_configs.json" in names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_kernels_import_no_jax():
+    """kernels/ is framework-free: importing it must not pull in JAX."""
+    # jaxmoe/__init__ imports jax, so the kernel files are loaded directly, not through the package
+    code = ("import importlib.util, sys, pathlib\n"
+            f"root = pathlib.Path({str(REPO / 'kernels')!r})\n"
+            "for name in ('routing', 'dispatch', 'grouped_gemm', 'combine'):\n"
+            "    spec = importlib.util.spec_from_file_location(name, root / f'{name}.py')\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "print('jax' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "False"
