@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import types
 
 import numpy as np
 
@@ -76,25 +77,42 @@ def poison_like(shape, dtype) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _jit_calls_interpreted():
-    """Lets interpreted code call other @triton.jit functions (tl.max, tl.cumsum, our helpers).
+def _interpreter_language():
+    """Puts triton.language in interpreter form for one launch, and lets kernels call @triton.jit helpers.
 
-    Without TRITON_INTERPRET=1 set before triton is imported, those are compiled-mode JITFunctions that
-    refuse to be called from Python; setting it would turn every kernel of the process into an
-    interpreted one, the GPU path's too. So the redirect lives only as long as one interpreted launch.
+    Without TRITON_INTERPRET=1 set before triton is imported, helpers (tl.max, tl.cumsum, ours) are
+    compiled-mode JITFunctions that refuse Python calls; setting it would turn every kernel of the
+    process into an interpreted one, the GPU path's too. Triton's own nested-call path patches the
+    language for each helper and never restores it, which breaks later compilation in the same
+    process. So the language is patched here once, for tl and tl.core alike, helpers run unpatched
+    inside that, and everything is restored on exit.
     """
-    from triton.runtime.interpreter import InterpretedFunction
+    # A module imported for the first time while the language is patched keeps patched objects for
+    # good: the code generator, imported late, would map Python's min/max to interpreter functions
+    # and every later compilation in the process would fail. Importing it first keeps it clean.
+    import triton.compiler.code_generator  # noqa: F401
+    import triton.language as tl
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
-    original = JITFunction.__call__
-    JITFunction.__call__ = lambda self, *args, **kwargs: InterpretedFunction(self.fn)(*args, **kwargs)
+    anchor = types.FunctionType(_anchor.__code__, {"tl": tl, "core": tl.core})  # globals _patch_lang scans
+    scope = interpreter._patch_lang(anchor)
+    original_call = JITFunction.__call__
+    JITFunction.__call__ = lambda self, *args, **kwargs: interpreter.InterpretedFunction(self.fn).rewrite()(
+        *args, **kwargs)
     try:
         yield
     finally:
-        JITFunction.__call__ = original
+        JITFunction.__call__ = original_call
+        if scope is not None:  # triton versions whose patches cannot be undone return None
+            scope.restore()
 
 
-_LOCK = threading.Lock()  # the redirect above is process-wide; keep interpreted launches one at a time
+def _anchor():
+    pass
+
+
+_LOCK = threading.Lock()  # the patches above are process-wide; keep interpreted launches one at a time
 
 
 def run_interpreted(kernel, grid, args, out_shapes, constexprs) -> list[np.ndarray]:
@@ -104,6 +122,6 @@ def run_interpreted(kernel, grid, args, out_shapes, constexprs) -> list[np.ndarr
     wrapped = [HostTensor(np.array(a)) if isinstance(a, np.ndarray) else a for a in args]
     outputs = [HostTensor(poison_like(s.shape, s.dtype)) for s in out_shapes]
     fn = getattr(kernel, "fn", kernel)
-    with _LOCK, _jit_calls_interpreted():
+    with _LOCK, _interpreter_language():
         InterpretedFunction(fn)[grid](*wrapped, *outputs, **constexprs)
     return [o.array for o in outputs]

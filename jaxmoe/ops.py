@@ -17,8 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxmoe import _validate, reference
 from jaxmoe import config as configs
-from jaxmoe import reference
 from jaxmoe.kernels import combine as combine_kernels
 from jaxmoe.kernels import dispatch as dispatch_kernels
 from jaxmoe.kernels import grouped_gemm as gemm_kernels
@@ -54,8 +54,6 @@ class _RouteOptions:
 
 def route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None, mode="triton") -> Routing:
     """`jaxmoe.route` with the forward in one Triton kernel; the VJP is the jax.lax one."""
-    from jaxmoe import _validate
-
     _, E = _validate.check_logits(logits)
     top_k = _validate.check_top_k(top_k, E)
     _validate.check_scoring(scoring)
