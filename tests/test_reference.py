@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe import reference
-from conftest import Problem, TOLERANCE, assert_close, dense_expert_ffn, rel_err
+from conftest import Problem, assert_close, dense_expert_ffn, rel_err
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
