@@ -2,7 +2,7 @@
 
 from jaxmoe import linen
 from jaxmoe import reference
-from jaxmoe.api import IMPLEMENTATIONS, expert_ffn, moe, resolve_implementation
+from jaxmoe.api import IMPLEMENTATIONS, SUPPORTED_DTYPES, expert_ffn, moe, resolve_implementation
 from jaxmoe.layers import MoELayer
 from jaxmoe.reference import MoEAux
 from jaxmoe.routing import Routing, route
@@ -13,6 +13,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "MoEAux",
     "MoELayer",
+    "SUPPORTED_DTYPES",
     "Routing",
     "expert_ffn",
     "linen",

@@ -4,7 +4,14 @@ The interpreter expects torch-like tensors. HostTensor is the small part of that
 `data_ptr`, `dtype`, `untyped_storage()` (with `data_ptr`, `cpu`, `copy_`), `new_empty`, `set_`,
 `storage_offset`, `size`, `stride` and `copy_`. The interpreter reads and writes through raw
 addresses, so the kernel works on the numpy buffers in place and `cpu()` can return the same object.
-bfloat16 tl.dot is wrong in the interpreter (triton issue 11584): test float32 and float16 there.
+
+The interpreter keeps bfloat16 values as their raw uint16 bits. Two of its bfloat16 operations are
+replaced for each launch here, so that "interpret" computes what a GPU computes:
+- tl.dot multiplied those bits as integers (triton issue 11584; results near 1e11): bfloat16 operands
+  now become float32 first (their products are exact in float32; the sum runs in float32, as on
+  tensor cores);
+- float32 -> bfloat16 casts truncated the mantissa: they now round to nearest even, as GPUs do, and
+  keep NaN a NaN.
 """
 
 from __future__ import annotations
@@ -100,9 +107,26 @@ def _interpreter_language():
     original_call = JITFunction.__call__
     JITFunction.__call__ = lambda self, *args, **kwargs: interpreter.InterpretedFunction(self.fn).rewrite()(
         *args, **kwargs)
+    builder = interpreter.InterpreterBuilder
+    original_dot, original_cast = builder.create_dot, builder.cast_impl
+
+    def cast(self, src, dst_type):
+        source, target = src.dtype.scalar, dst_type.scalar
+        if source == tl.bfloat16 and target == tl.float32:
+            return interpreter.TensorHandle(bfloat16_bits_to_float32(src.data), tl.float32)
+        if source == tl.float32 and target == tl.bfloat16:
+            return interpreter.TensorHandle(float32_to_bfloat16_bits(src.data), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    def dot(self, a, b, *rest):
+        a, b = (cast(self, v, tl.float32) if v.dtype.scalar == tl.bfloat16 else v for v in (a, b))
+        return original_dot(self, a, b, *rest)
+
+    builder.create_dot, builder.cast_impl = dot, cast
     try:
         yield
     finally:
+        builder.create_dot, builder.cast_impl = original_dot, original_cast
         JITFunction.__call__ = original_call
         if scope is not None:  # triton versions whose patches cannot be undone return None
             scope.restore()
@@ -110,6 +134,19 @@ def _interpreter_language():
 
 def _anchor():
     pass
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties to even; NaN stays NaN (quiet, same sign), infinities stay infinite."""
+    x = np.ascontiguousarray(x, np.float32)
+    bits = x.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = ((bits >> 16) | np.uint32(0x40)).astype(np.uint16)
+    return np.where(np.isnan(x), nan, rounded)
 
 
 _LOCK = threading.Lock()  # the patches above are process-wide; keep interpreted launches one at a time

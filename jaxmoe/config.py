@@ -30,22 +30,51 @@ class GemmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightGradConfig:
+    """A weight-gradient GEMM: BLOCK_M x BLOCK_N output tiles, BLOCK_K rows of the expert per step."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """block_m is shared by both GEMMs because they read the same block-to-expert map.
+    """One config per pass of the expert FFN.
+
+    block_m is shared by every GEMM that walks the dispatch's row blocks (gate_up, down, dh, dx):
+    they read the same block-to-expert map. The weight gradients (dw) contract over each expert's
+    rows instead and tile their own outputs. Backward fields left out of a table entry come from
+    the heuristic for that entry's shape.
 
     Table entries may carry extra keys (the tuner records the time it measured); they are ignored.
     """
 
     block_m: int
-    gate_up: GemmConfig
-    down: GemmConfig
+    gate_up: GemmConfig  # forward: x @ [W_gate | W_up] with the SwiGLU epilogue
+    down: GemmConfig  # forward: h @ W_down with the routing weight in the epilogue
+    dh: GemmConfig | None = None  # backward: dy @ W_down^T with the dSwiGLU epilogue
+    dx: GemmConfig | None = None  # backward: [dgate | dup] @ [W_gate; W_up]^T
+    dw: WeightGradConfig | None = None  # backward: dW_gate, dW_up and dW_down
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> "MoEConfig":
-        return cls(data["block_m"], GemmConfig(**data["gate_up"]), GemmConfig(**data["down"]))
+        def gemm(key):
+            return GemmConfig(**data[key]) if key in data else None
+
+        dw = WeightGradConfig(**data["dw"]) if "dw" in data else None
+        return cls(data["block_m"], gemm("gate_up"), gemm("down"), gemm("dh"), gemm("dx"), dw)
+
+    def with_backward(self, dtype: str) -> "MoEConfig":
+        """This config with every backward field filled (from the heuristic where unset)."""
+        default = _backward_defaults(self.block_m, dtype)
+        return dataclasses.replace(self, dh=self.dh or default.dh, dx=self.dx or default.dx,
+                                   dw=self.dw or default.dw)
 
 
 def rows_bucket(n_tokens: int, top_k: int, num_experts: int) -> int:
@@ -91,8 +120,20 @@ def heuristic(bucket: int, dtype: str, d: int, f: int) -> MoEConfig:
     return cfg
 
 
-def _halve_k(gemm: GemmConfig) -> GemmConfig:
+def _halve_k(gemm):
     return dataclasses.replace(gemm, block_k=max(32, gemm.block_k // 2), num_stages=min(gemm.num_stages, 3))
+
+
+def _backward_defaults(block_m: int, dtype: str) -> MoEConfig:
+    """Backward GEMM configs for a forward's block_m: the dH and dX GEMMs tile like the down projection
+    (K = d and K = 2f are long), the weight gradients use square 128 tiles over 64-row steps."""
+    wide = block_m >= 64
+    dh = GemmConfig(128, 64, 8, 8 if wide else 4, 3)
+    dx = GemmConfig(128, 64, 8, 8 if wide else 4, 3)
+    dw = WeightGradConfig(128, 128, 64, 8, 3)
+    if dtype == "float32":
+        dh, dx, dw = _halve_k(dh), _halve_k(dx), _halve_k(dw)
+    return MoEConfig(block_m, GemmConfig(0, 0), GemmConfig(0, 0), dh, dx, dw)
 
 
 def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int) -> MoEConfig:
@@ -102,15 +143,15 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
     for table_dtype in (dtype, "bfloat16") if dtype == "float16" else (dtype,):
         tuned = _table().get(table_key(device, table_dtype, E, d, f, bucket))
         if tuned is not None:
-            return tuned
-    return heuristic(bucket, dtype, d, f)
+            return tuned.with_backward(dtype)
+    return heuristic(bucket, dtype, d, f).with_backward(dtype)
 
 
 def shipped_configs() -> list[tuple[str, MoEConfig]]:
     """Every distinct (dtype, config) this package can pick: the table's and the heuristic's."""
-    pairs = {(key.split("/")[1], cfg) for key, cfg in _table().items()}
+    pairs = {(key.split("/")[1], cfg.with_backward(key.split("/")[1])) for key, cfg in _table().items()}
     pairs |= {("float16", cfg) for dtype, cfg in list(pairs) if dtype == "bfloat16"}  # see select()
     for bucket in (1, 64, 4096):  # one per heuristic branch
         for dtype in ("bfloat16", "float16", "float32"):
-            pairs.add((dtype, heuristic(bucket, dtype, 128, 128)))
+            pairs.add((dtype, heuristic(bucket, dtype, 128, 128).with_backward(dtype)))
     return sorted(pairs, key=lambda pair: (pair[0], json.dumps(pair[1].to_json(), sort_keys=True)))

@@ -2,7 +2,8 @@
 
     y[t, :] = sum_j sum_s expert_rows[s, assignment_rows[t * k + j], :]   (rows of dropped ids skipped)
 
-s runs over the SPLITS partial-sum planes of a split-K down projection (one plane without split-K).
+s runs over the SPLITS partial-sum planes of a split-K GEMM (one plane without split-K); the backward
+also sums the routing-weight gradient's per-tile planes here, with T*k rows of width 1 and k = 1.
 
 Tiling: a program owns BLOCK_T tokens x BLOCK_D columns and adds the k rows in slot order j = 0..k-1
 in float32 registers, so the sum is the same every run (no atomics decide its order).
@@ -33,7 +34,7 @@ def combine_kernel(
     for j in tl.static_range(top_k):
         row = tl.load(assignment_rows_ptr + tokens * top_k + j, mask=token_ok, other=-1)
         row_ok = token_ok & (row >= 0)
-        for s in tl.static_range(SPLITS):
+        for s in range(SPLITS):  # a loop, not unrolled: the routing-weight gradient adds up to f/BLOCK_N planes
             values = tl.load(expert_rows_ptr + s * stride_split + row.to(tl.int64)[:, None] * D + cols[None, :],
                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += values.to(tl.float32)

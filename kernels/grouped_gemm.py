@@ -1,11 +1,18 @@
-"""Grouped GEMM over dispatched rows: one kernel, switched by flags, for every expert matmul.
+"""Grouped GEMM over dispatched rows: one kernel, switched by flags, for every row-block expert matmul.
 
     for each row block b (expert e = block_experts[b], sorted rows r of that expert):
-        GATED:      out[r, :] = silu(A[src(r)] @ B[e]) * (A[src(r)] @ B2[e])     (gate and up fused)
-        otherwise:  out[s, r, :] = A[src(r), Ks] @ B[e, Ks]  (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
+        GATED:      h = silu(A[src(r)] @ B[e]) * (A[src(r)] @ B2[e])     (gate and up fused)
+                    out[r, :N] = h; with STORE_PREACT also out[r, N:2N] = gate, out[r, 2N:3N] = up
+        otherwise:  out[s, r, :] = A[src(r), Ks] @ B[e, Ks]  (+ A[src(r), K + Ks] @ B2[e, Ks] if CONCAT_K)
+                    (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
                     for each of SPLIT_K slices Ks of the K range (partial sums, added up by the combine)
-    src(r) = sorted_assignments[r] // top_k if GATHER_A (rows of x, gathered inside the tile load,
-             no permuted copy), else r (A already in sorted order).
+    src(r) = sorted_assignments[r] // top_k if GATHER_A (rows of a token-order A, gathered inside the tile
+             load, no permuted copy), else r (A already in sorted order).
+
+B is addressed through its strides, so a transposed weight is just other strides: the backward's
+dX = dGate @ W_gate^T + dUp @ W_up^T runs here with CONCAT_K and B, B2 = W_gate, W_up read transposed.
+STORE_PREACT keeps the gate and up pre-activations beside h for the backward's dSwiGLU (see
+grouped_gemm_bwd.py); the down projection then reads h with row stride 3N.
 
 Tiling: a program computes a BLOCK_M x BLOCK_N tile of one row block, looping over K in BLOCK_K
 steps. With GATED, the A tile is loaded once and multiplied by both B tiles (two accumulators).
@@ -38,11 +45,49 @@ def _round_to_tf32(x):
 
 
 @triton.jit
+def program_tile(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, N tile) of this program, swizzled in groups of GROUP_M row blocks for L2 reuse of B."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * n_tiles
+    group = pid // programs_per_group
+    first_block = group * GROUP_M
+    group_size = min(n_blocks - first_block, GROUP_M)
+    block = first_block + (pid % programs_per_group) % group_size
+    tile_n = (pid % programs_per_group) // group_size
+    return block, tile_n
+
+
+@triton.jit
+def accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr, cols, col_ok, k_first, k_last,
+               stride_bk, stride_bn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += A[a_rows, k_first:k_last] @ B[k_first:k_last, cols], B already offset to its expert."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
+    b_ptrs = b_ptr + (k_first + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k0 in range(k_first, k_last, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = ks < k_last - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_PRECISION == "tf32":
+            a = _round_to_tf32(a)
+            b = _round_to_tf32(b)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def grouped_gemm_kernel(
     # pointers
-    a_ptr,  # [rows of A, K]: x [T, K] if GATHER_A, else sorted activations [n_assignments, K]
-    b_ptr,  # [E, K, N]
-    b2_ptr,  # [E, K, N], read only if GATED
+    a_ptr,  # [rows of A, K]: x [T, K] if GATHER_A, else sorted activations [n_assignments, K] (2K if CONCAT_K)
+    b_ptr,  # [E, K, N] through its strides
+    b2_ptr,  # [E, K, N], read only if GATED or CONCAT_K
     row_weights_ptr,  # [n_assignments] float32, read only if SCALE_ROWS
     sorted_assignments_ptr,  # [n_assignments] int32
     expert_offsets_ptr,  # [E + 1] int32
@@ -51,7 +96,7 @@ def grouped_gemm_kernel(
     # dimensions
     n_blocks,
     # outputs
-    out_ptr,  # [n_assignments, N], sorted order
+    out_ptr,  # [n_assignments, N] sorted order ([n_assignments, 3N] with STORE_PREACT)
     # shapes and strides are constexpr: the compiler must know they are multiples of 8 elements to
     # emit 16-byte vector loads and asynchronous copies (jax-triton passes int scalars without that hint)
     N: tl.constexpr,
@@ -70,21 +115,15 @@ def grouped_gemm_kernel(
     GROUP_M: tl.constexpr,
     GATHER_A: tl.constexpr,
     GATED: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
+    CONCAT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * n_tiles
-    group = pid // programs_per_group
-    first_block = group * GROUP_M
-    group_size = min(n_blocks - first_block, GROUP_M)
-    block = first_block + (pid % programs_per_group) % group_size
-    tile_n = (pid % programs_per_group) // group_size
-
+    block, tile_n = program_tile(n_blocks, N, BLOCK_N, GROUP_M)
     expert = tl.load(block_experts_ptr + block)
     if expert < 0:
         return
@@ -104,28 +143,29 @@ def grouped_gemm_kernel(
     col_ok = cols < N
     k_first = tl.program_id(1) * K_PER_SPLIT
     k_last = min(k_first + K_PER_SPLIT, K)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
-    b_offsets = expert * stride_be + (k_first + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
-    b_ptrs = b_ptr + b_offsets
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
+        # The A tile is loaded once for both weights, so this loop is written out rather than
+        # calling accumulate() twice.
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
+        b_offsets = expert * stride_be + (k_first + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
+        b_ptrs = b_ptr + b_offsets
         b2_ptrs = b2_ptr + b_offsets
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_first, k_last, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = ks < k_last - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_PRECISION == "tf32":
-            a = _round_to_tf32(a)
-            b = _round_to_tf32(b)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if GATED:
+        for k0 in range(k_first, k_last, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = ks < k_last - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_PRECISION == "tf32":
+                a = _round_to_tf32(a)
+                b = _round_to_tf32(b)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if EVEN_K:
                 b2 = tl.load(b2_ptrs, mask=col_ok[None, :], other=0.0)
             else:
@@ -133,14 +173,24 @@ def grouped_gemm_kernel(
             if DOT_PRECISION == "tf32":
                 b2 = _round_to_tf32(b2)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
             b2_ptrs += BLOCK_K * stride_bk
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+    else:
+        acc = accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr + expert * stride_be, cols, col_ok,
+                         k_first, k_last, stride_bk, stride_bn, BLOCK_K, EVEN_K, DOT_PRECISION)
+        if CONCAT_K:
+            acc = accumulate(acc, a_ptr + K, a_rows, row_ok, stride_am, b2_ptr + expert * stride_be, cols,
+                             col_ok, k_first, k_last, stride_bk, stride_bn, BLOCK_K, EVEN_K, DOT_PRECISION)
 
+    plane = tl.program_id(1).to(tl.int64) * stride_os  # n * N passes 2^31 for large batches
+    out_ptrs = out_ptr + plane + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
     if GATED:
+        if STORE_PREACT:
+            tl.store(out_ptrs + N, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(out_ptrs + 2 * N, acc2.to(out_ptr.dtype.element_ty), mask=out_ok)
         acc = acc * tl.sigmoid(acc) * acc2
     if SCALE_ROWS:
         acc = acc * tl.load(row_weights_ptr + assignments, mask=row_ok, other=0.0)[:, None]
-    plane = tl.program_id(1).to(tl.int64) * stride_os  # n * N passes 2^31 for large batches
-    out_ptrs = out_ptr + plane + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)

@@ -1,0 +1,65 @@
+"""Dispatch: assignments sorted by expert on the device, and the row blocks the grouped GEMMs walk."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+from jaxmoe.kernels import dispatch as dispatch_kernels
+from jaxmoe.launch import launch
+from jaxmoe.ops._util import I32 as _I32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
+
+class Dispatch(NamedTuple):
+    """Assignments sorted by expert, and the row blocks the grouped GEMMs iterate over.
+
+    Assignment a = t * k + j. Sorted rows are grouped by expert, in assignment order within one.
+    """
+
+    sorted_assignments: jax.Array  # [n] int32: assignment at each sorted row (rows past the valid ones unset)
+    assignment_rows: jax.Array  # [n] int32: sorted row of each assignment, -1 where the id was out of range
+    expert_offsets: jax.Array  # [E + 1] int32: first sorted row of each expert; last entry = valid rows
+    block_experts: jax.Array  # [n_blocks] int32: expert of each BLOCK_M row block, -1 for unused blocks
+    block_rows: jax.Array  # [n_blocks] int32: first sorted row of each row block
+
+
+def max_row_blocks(n_assignments: int, E: int, block_m: int) -> int:
+    """Worst case of sum_e cdiv(count_e, block_m) over all ways to split n assignments among E experts."""
+    nonempty = min(E, n_assignments)
+    return max(1, (n_assignments + nonempty * (block_m - 1)) // block_m)
+
+
+def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str) -> Dispatch:
+    """Sorts assignments by expert on the device: one launch for small batches, two otherwise."""
+    n = flat_ids.shape[0]
+    block_e = _next_pow2(E)
+    n_blocks = max_row_blocks(n, E, block_m)
+    # Small batches: one program takes all assignments in a single one-hot tile of up to 16K entries
+    # (serial tile loops would dominate a decode step). Larger ones: 4K-entry tiles, many programs.
+    single_chunk = _next_pow2(n) * block_e <= 16384
+    if single_chunk:
+        chunk = sub = _next_pow2(n)
+        block_tile = max(16, min(_next_pow2(n_blocks), 16384 // block_e))
+    else:
+        sub = max(16, 4096 // block_e)
+        chunk = max(sub, min(4096, _next_pow2(_cdiv(n, 128))))
+        block_tile = max(16, 4096 // block_e)
+    n_chunks = _cdiv(n, chunk)
+    flat_ids = flat_ids.astype(_I32)
+    tiles = dict(E=E, CHUNK=chunk, SUB=sub, BLOCK_E=block_e)
+
+    if single_chunk:
+        chunk_counts = flat_ids  # not read
+    else:
+        (chunk_counts,) = launch(dispatch_kernels.count_chunks_kernel, flat_ids, n, grid=(n_chunks,), mode=mode,
+                                 out_shapes=[_out((n_chunks, E), _I32)], **tiles)
+    outs = launch(
+        dispatch_kernels.scatter_kernel, flat_ids, chunk_counts, n, n_chunks, n_blocks, grid=(n_chunks,),
+        mode=mode, num_warps=8 if single_chunk else 4,
+        out_shapes=[_out((n,), _I32), _out((n,), _I32), _out((E + 1,), _I32), _out((n_blocks,), _I32),
+                    _out((n_blocks,), _I32)],
+        BLOCK_M=block_m, CHUNK_TILE=max(16, min(_next_pow2(n_chunks), 4096 // block_e)),
+        BLOCK_TILE=block_tile, SINGLE_CHUNK=single_chunk, **tiles)
+    return Dispatch(*outs)
+
+

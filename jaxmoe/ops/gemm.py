@@ -1,0 +1,125 @@
+"""Launchers of the grouped GEMMs (forward, dH, dX, weight gradients) and the combine.
+
+Each one takes its shapes and strides from its operands, picks the grid and passes the config's
+tiles; kernels/grouped_gemm.py and kernels/grouped_gemm_bwd.py say what each kernel computes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe import config as configs
+from jaxmoe.kernels import combine as combine_kernels
+from jaxmoe.kernels import grouped_gemm as gemm_kernels
+from jaxmoe.kernels import grouped_gemm_bwd as bwd_kernels
+from jaxmoe.launch import launch
+from jaxmoe.ops._util import F32 as _F32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
+from jaxmoe.ops.dispatch import Dispatch
+
+
+def dot_precision(dtype, mode: str) -> str:
+    """tl.dot input precision for float32 operands, following jax.default_matmul_precision as XLA does."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return "ieee"  # unused for 16-bit operands
+    setting = str(jax.config.jax_default_matmul_precision or "default").lower()
+    if setting in ("highest", "float32"):
+        return "ieee"
+    if setting in ("high", "bfloat16_3x", "tensorfloat32_3x"):
+        return "ieee" if _on_rocm(mode) else "tf32x3"  # AMD's Triton backend has no tf32x3
+    return "tf32"
+
+
+def _on_rocm(mode: str) -> bool:
+    return mode == "triton" and "rocm" in jax.devices()[0].client.platform_version.lower()
+
+
+def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: int, gemm: configs.GemmConfig,
+                 gather_a: bool, gated: bool, scale_rows: bool, precision: str, out_dtype, mode: str,
+                 store_preact: bool = False, concat_k: bool = False, transpose_b: bool = False) -> jax.Array:
+    """epilogue(A[rows] @ B[expert]) in sorted row order; see kernels/grouped_gemm.py.
+
+    b, b2: [E, K, N], or [E, N, K] read transposed with transpose_b. A has K columns (2K with
+    concat_k: [A1 | A2], multiplied by B and B2 and summed); its row stride is its own width, so A
+    may be the h part of a wider [h | gate | up] buffer.
+
+    Returns [n, N] in out_dtype ([n, 3N] = [h | gate | up] with store_preact), or [split_k, n, N]
+    float32 partial sums when gemm.split_k > 1.
+    """
+    if transpose_b:
+        E, N, K = b.shape
+        stride_bk, stride_bn = 1, K
+    else:
+        E, K, N = b.shape
+        stride_bk, stride_bn = N, 1
+    n = disp.sorted_assignments.shape[0]
+    n_blocks = disp.block_experts.shape[0]
+    splits = gemm.split_k
+    if gated and splits > 1:
+        raise ValueError("split-K cannot apply to the gated GEMM: its SwiGLU epilogue needs whole sums")
+    k_per_split = _cdiv(_cdiv(K, gemm.block_k), splits) * gemm.block_k
+    width = 3 * N if store_preact else N
+    out_shape = _out((n, width), out_dtype) if splits == 1 else _out((splits, n, N), _F32)
+    (out,) = launch(
+        gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, disp.sorted_assignments, disp.expert_offsets,
+        disp.block_experts, disp.block_rows, n_blocks,
+        grid=(n_blocks * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
+        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+        N=N, K=K, top_k=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
+        stride_om=width, stride_os=n * N, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
+        GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
+        CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
+        DOT_PRECISION=precision)
+    return out
+
+
+def dh_gemm(dy, w_down, hgu, row_weights, disp: Dispatch, *, top_k: int, block_m: int, gemm: configs.GemmConfig,
+            precision: str, mode: str) -> tuple[jax.Array, jax.Array]:
+    """(dgu [n, 2f] = [dgate | dup] in dy's dtype, dw_parts [f tiles, n] float32); see dh_kernel."""
+    E, f, d = w_down.shape
+    n = disp.sorted_assignments.shape[0]
+    n_blocks = disp.block_experts.shape[0]
+    n_tiles = _cdiv(f, gemm.block_n)
+    dgu, dw_parts = launch(
+        bwd_kernels.dh_kernel, dy, w_down, hgu, row_weights, disp.sorted_assignments, disp.expert_offsets,
+        disp.block_experts, disp.block_rows, n_blocks, n,
+        grid=(n_blocks * n_tiles,), mode=mode, out_shapes=[_out((n, 2 * f), dy.dtype), _out((n_tiles, n), _F32)],
+        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+        N=f, K=d, top_k=top_k, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+        EVEN_K=d % gemm.block_k == 0, DOT_PRECISION=precision)
+    return dgu, dw_parts
+
+
+def weight_grad(a, b, row_weights, disp: Dispatch, *, E: int, m_out: int, n_out: int, top_k: int, gather_a: bool,
+                gather_b: bool, scale_b: bool, two_outputs: bool, cfg: configs.WeightGradConfig, precision: str,
+                out_dtype, mode: str) -> list[jax.Array]:
+    """[E, m_out, n_out] = per expert, A[rows]^T @ B[rows] over that expert's rows; see weight_grad_kernel.
+
+    Of A the first m_out columns are read; of B the first n_out (and the next n_out for the second
+    output with two_outputs). Row strides are the operands' widths, so A may be part of a wider buffer.
+    """
+    M = m_out
+    halves = 2 if two_outputs else 1
+    per_expert = _cdiv(M, cfg.block_m) * _cdiv(n_out, cfg.block_n) * halves
+    second = _out((E, M, n_out) if two_outputs else (1,), out_dtype)  # a stub the kernel never writes
+    outs = launch(
+        bwd_kernels.weight_grad_kernel, a, b, row_weights, disp.sorted_assignments, disp.expert_offsets,
+        grid=(E * per_expert,), mode=mode, out_shapes=[_out((E, M, n_out), out_dtype), second],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        M=M, N=n_out, top_k=top_k, stride_am=a.shape[1], stride_bm=b.shape[1], BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_B=scale_b,
+        TWO_OUTPUTS=two_outputs, DOT_PRECISION=precision)
+    return outs if two_outputs else outs[:1]
+
+
+def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: str) -> jax.Array:
+    """Sums each token's k rows; expert_rows is [n, D] or split-K planes [splits, n, D]."""
+    if expert_rows.ndim == 2:
+        expert_rows = expert_rows[None]
+    splits, n, D = expert_rows.shape
+    block_d = min(1024, _next_pow2(D))
+    block_t = max(1, 4096 // block_d)
+    (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T,
+                  grid=(_cdiv(T, block_t), _cdiv(D, block_d)), mode=mode, out_shapes=[_out((T, D), out_dtype)],
+                  D=D, top_k=top_k, SPLITS=splits, stride_split=n * D, BLOCK_T=block_t, BLOCK_D=block_d)
+    return y
