@@ -2,27 +2,26 @@
 
     python -m benchmarks.moe                      # the GPU sweep (or the CPU smoke run without a GPU)
     python -m benchmarks.moe --quick              # fewer T, shorter timing
-    python -m benchmarks.moe --shapes mixtral --tokens 512,2048 --impls triton,xla --pass fwd_bwd
+    python -m benchmarks.moe --shapes mixtral --tokens 512,2048 --impls triton,xla --pass fwd_bwd --memory
 
-Implementations (rows):
-  triton   jaxmoe.moe(..., implementation="triton")                   (GPU only)
-  xla      jaxmoe.moe(..., implementation="xla"), the jax.lax reference
-  tokamax  jaxmoe.reference.moe_pipeline with tokamax.ragged_dot_general(implementation="mosaic") as the
-           grouped GEMM (GPU only, and only when `import tokamax` works), through `make_ragged_dot`:
-           preferred_element_type is passed through; its VJP is two more tokamax ragged GEMMs with the
-           cotangent rounded to bf16 (tokamax's Mosaic kernels reject an f32 cotangent against bf16).
-           tokamax runs its heuristic kernel config (no autotuning cache).
+This module is the sweep and its command line; the rest of the harness is split by role:
+  benchmarks/peers.py    what runs: the implementations triton (GPU only), xla and tokamax (GPU only),
+                         the step of each pass, and the GEMM roof
+  benchmarks/timing.py   how it is measured: time per call, planned device memory, the ceilings probe
+  benchmarks/report.py   what is printed and drawn: header lines, table, plot
+  benchmarks/shapes.py   the named shapes
 
 Passes: "fwd" times the jitted layer, y and the aux losses; "fwd_bwd" times
-jax.value_and_grad(<y, dy>) with respect to x, w_gate, w_up and w_down, dy a fixed random cotangent
-(a plain sum would give XLA a ones cotangent to simplify).
+jax.value_and_grad(<y, dy>) with respect to x, w_gate, w_up and w_down, dy a fixed random cotangent.
 
-Per cell the "bmm roof" is a batched GEMM through XLA with the FLOPs of the expert GEMMs and the tokens
-split evenly over all E experts (m = ceil(T*k/E) rows each): gate and up einsums 'emd,edf->emf', SwiGLU,
-down einsum 'emf,efd->emd', bf16 in, f32 out, one jitted function (value_and_grad of it for fwd_bwd).
-roof_ms/ms > 1 means the layer beat that roof. The roof reads the weights of all E experts while the
-layer reads only those of the experts that received tokens, so at small T with many experts the roof
-is a loose one.
+Per cell two roofs, and the limit, the larger of the two (limit_ms / ms > 1: faster than both):
+  GEMM roof (gemm_ms)  XLA batched einsums with the FLOPs of the expert GEMMs and the tokens split evenly
+          over all E experts (m = ceil(T*k/E) rows each): gate and up as one einsum against a [E, d, 2f]
+          weight, down on the first f columns of its output; bf16 outputs, no elementwise work; value_and_grad
+          of <out, dy> for fwd_bwd. It reads all E experts' weights, so at small T with many experts it
+          is a loose roof; the HBM roof covers that case.
+  HBM roof (hbm_ms)    the counted bytes below at the HBM read bandwidth measured in the same run (none with
+          --no-ceilings).
 
 Counting (documented in benchmarks/RESULTS.md):
   FLOPs   fwd: 2*T*k*d*f*3 (the three expert GEMMs; the 2*T*d*E router matmul is left out)
@@ -32,12 +31,13 @@ Counting (documented in benchmarks/RESULTS.md):
           fwd_bwd: 2*A*3*d*f*2 (weights read twice) + E*3*d*f*2 (dense weight gradients written)
           + 5*T*d*2 (x read twice, dy read, y and dx written).
 
-Timing: jit; warm-up calls (compilation and every input set) outside timing; then rounds of n calls
-between one pair of device syncs (jax.block_until_ready), per-call time = round time / n, reported as
-the median over rounds. n is chosen from a short estimate so a round takes ~1/5 of --min-time, and
-rounds continue until --min-time has passed (at least 5 rounds). Calls rotate over 3 sets of x (and of
-the weights when three sets of them fit in 256 MiB) so small inputs are not served from L2.
-On CPU every call is synced (the CPU client may overlap independent calls).
+--memory adds each step's device memory as XLA plans it (arguments + outputs + temporaries - aliased,
+from the compiled step's memory_analysis()): the peak_gib column and a breakdown line in the log.
+
+Timing (benchmarks/timing.py): jit; warm-up calls outside timing; the median over rounds of n calls between
+one pair of device syncs. Calls rotate over 3 sets of x (and of the weights when three sets of them fit
+in 256 MiB) so small inputs are not served from L2. On CPU every call is synced (the CPU client may
+overlap independent calls).
 
 The header's commit is `git rev-parse --short HEAD` (+dirty); without a .git (the GPU machine's copy of
 the tree) set BENCH_COMMIT=<sha> in the command.
@@ -46,16 +46,13 @@ the tree) set BENCH_COMMIT=<sha> in the command.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import functools
 import gc
 import importlib
 import json
-import logging
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -69,18 +66,15 @@ import jaxmoe
 from jaxmoe import reference
 
 from benchmarks import shapes as shapes_lib
+from benchmarks.peers import IMPLS, PASSES, PEERS, impl_availability, make_forward, make_gemm_roof, make_step
+from benchmarks.report import fmt_num, format_table, header_line, memory_line, write_plot
+from benchmarks.timing import measure_ceilings, planned_memory, time_fn
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "benchmarks" / "out"
-IMPLS = ("triton", "xla", "tokamax")
-PEERS = ("xla", "tokamax")
-PASSES = ("fwd", "fwd_bwd")
 DTYPE = jnp.bfloat16
 N_INPUT_SETS = 3
 WEIGHT_ROTATION_BYTES = 256 << 20  # replicate the weights per input set only when all sets fit in this
-MIN_ROUNDS = 5
-MAX_ROUNDS = 50
-MAX_CALLS_PER_ROUND = 1000
 
 
 def log(msg: str = "") -> None:
@@ -129,196 +123,6 @@ def environment() -> dict:
         "commit": git_commit(),
     }
 
-
-# --------------------------------------------------------------------------------------------------
-# Timing
-
-
-@dataclasses.dataclass
-class Timing:
-    ms: float  # median per-call time over rounds
-    calls_per_round: int
-    rounds: int
-    compile_s: float  # first call, compilation included
-    min_ms: float
-    max_ms: float
-
-
-def time_fn(fn, arg_sets, *, min_time_s: float, sync_each: bool) -> Timing:
-    """Median per-call time of fn over rounds of n calls between one pair of device syncs."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*arg_sets[0]))
-    compile_s = time.perf_counter() - t0
-    for args in arg_sets[1:]:
-        jax.block_until_ready(fn(*args))
-
-    start = 0
-
-    def run(n: int) -> float:
-        nonlocal start
-        out = None
-        t = time.perf_counter()
-        for i in range(n):
-            # Only the latest output is kept alive: on a GPU the stream runs calls in order, so its
-            # completion implies all earlier ones completed.
-            out = fn(*arg_sets[(start + i) % len(arg_sets)])
-            if sync_each:
-                jax.block_until_ready(out)
-        jax.block_until_ready(out)
-        start += n
-        return time.perf_counter() - t
-
-    estimate = run(3) / 3
-    n = int(min(max(1, (min_time_s / MIN_ROUNDS) / max(estimate, 1e-7)), MAX_CALLS_PER_ROUND))
-    samples, total = [], 0.0
-    while (len(samples) < MIN_ROUNDS or total < min_time_s) and len(samples) < MAX_ROUNDS:
-        dt = run(n)
-        samples.append(dt / n)
-        total += dt
-    return Timing(ms=statistics.median(samples) * 1e3, calls_per_round=n, rounds=len(samples),
-                  compile_s=compile_s, min_ms=min(samples) * 1e3, max_ms=max(samples) * 1e3)
-
-
-# --------------------------------------------------------------------------------------------------
-# Ceilings
-
-
-def measure_ceilings(on_gpu: bool, min_time_s: float, sync_each: bool) -> dict:
-    """HBM read bandwidth (a large f32 reduction) and the dense bf16 matmul rate (an XLA dot)."""
-    normal = Normal(1234, on_host=not on_gpu)
-    n_elems = (1 << 29) if on_gpu else (1 << 24)  # 2 GiB on a GPU, 64 MiB on CPU
-    a = normal((n_elems,), dtype=jnp.float32)
-    t = time_fn(jax.jit(jnp.sum), [(a,)], min_time_s=min_time_s, sync_each=sync_each)
-    hbm_gbps = a.nbytes / (t.ms * 1e-3) / 1e9
-    sum_bytes = a.nbytes
-    del a
-    n = 8192 if on_gpu else 512
-    A, B = normal((n, n)), normal((n, n))
-    t = time_fn(jax.jit(jnp.dot), [(A, B)], min_time_s=min_time_s, sync_each=sync_each)
-    mm_tflops = 2 * n**3 / (t.ms * 1e-3) / 1e12
-    del A, B
-    gc.collect()
-    return {"hbm_read_gbps": hbm_gbps, "hbm_probe": f"jnp.sum over {sum_bytes / 2**30:.3g} GiB f32",
-            "matmul_tflops": mm_tflops, "matmul_probe": f"{n}^3 bf16 jnp.dot"}
-
-
-# --------------------------------------------------------------------------------------------------
-# Implementations
-
-
-# jax.lax.RaggedDotDimensionNumbers for lhs [M, K] with rows grouped, rhs [G, K, N]:
-_DIMS_FWD = jax.lax.RaggedDotDimensionNumbers(  # out [M, N] = lhs @ rhs[g] per row group
-    dot_dimension_numbers=(([1], [1]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-_DIMS_DLHS = jax.lax.RaggedDotDimensionNumbers(  # dlhs [M, K] = dout [M, N] @ rhs[g]^T per row group
-    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-_DIMS_DRHS = jax.lax.RaggedDotDimensionNumbers(  # drhs [G, K, N] = lhs_g^T @ dout_g, rows contracted
-    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-
-
-def make_ragged_dot(general):
-    """A jax.lax.ragged_dot-style fn over general(lhs, rhs, group_sizes, dims, precision, preferred_element_type).
-
-    The forward passes preferred_element_type through (the pipeline asks for float32 outputs). The
-    backward is written out as two ragged GEMMs of the same backend with the cotangent rounded to the
-    operands' dtype: tokamax's Mosaic GPU kernels reject a float32 cotangent against bf16 operands.
-    """
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-    def ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type):
-        return general(lhs, rhs, group_sizes, _DIMS_FWD, precision, preferred_element_type)
-
-    def fwd(lhs, rhs, group_sizes, precision, preferred_element_type):
-        out = general(lhs, rhs, group_sizes, _DIMS_FWD, precision, preferred_element_type)
-        return out, (lhs, rhs, group_sizes)
-
-    def bwd(precision, preferred_element_type, residuals, dout):
-        lhs, rhs, group_sizes = residuals
-        dout = dout.astype(lhs.dtype)
-        dlhs = general(dout, rhs, group_sizes, _DIMS_DLHS, precision, lhs.dtype)
-        drhs = general(lhs, dout, group_sizes, _DIMS_DRHS, precision, rhs.dtype)
-        return dlhs, drhs, None
-
-    ragged_dot.defvjp(fwd, bwd)
-
-    def call(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
-        return ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), precision, preferred_element_type)
-
-    return call
-
-
-def _tokamax_general(lhs, rhs, group_sizes, dims, precision, preferred_element_type):
-    import tokamax
-
-    return tokamax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
-                                      preferred_element_type=preferred_element_type, implementation="mosaic")
-
-
-tokamax_ragged_dot = make_ragged_dot(_tokamax_general)
-
-
-def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
-    """impl -> None when it can run here, else the reason it is skipped."""
-    reasons: dict[str, str | None] = {}
-    for impl in impls:
-        if impl == "xla":
-            reasons[impl] = None
-        elif not on_gpu:
-            reasons[impl] = ("the Triton rows need a GPU (jaxmoe.moe(implementation='triton') runs only "
-                             "on a GPU with jax-triton)" if impl == "triton" else
-                             "tokamax's Mosaic GPU ragged_dot needs a GPU")
-        elif impl == "tokamax":
-            try:
-                import tokamax  # noqa: F401
-
-                # Without a tuned cache for these shapes tokamax uses its heuristic config and logs an
-                # "Autotuning cache miss" warning (through absl) at every trace; keep them out of the log.
-                logging.getLogger("absl").setLevel(logging.ERROR)
-                reasons[impl] = None
-            except Exception as err:
-                reasons[impl] = f"`import tokamax` failed ({type(err).__name__}: {err})"
-        else:
-            reasons[impl] = None
-    return reasons
-
-
-def make_forward(impl: str, k: int):
-    """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation."""
-    if impl == "tokamax":
-        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=tokamax_ragged_dot)
-        return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
-                                 bias=None, route_fn=jaxmoe.route, expert_ffn_fn=expert_ffn)
-    return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
-
-
-def make_step(forward, pass_: str):
-    """A jitted fn(x, router_weight, w_gate, w_up, w_down, dy) for the pass (dy unused by "fwd")."""
-    if pass_ == "fwd":
-        return jax.jit(lambda x, rw, wg, wu, wd, dy: forward(x, rw, wg, wu, wd))
-
-    def loss(x, wg, wu, wd, rw, dy):
-        y, _ = forward(x, rw, wg, wu, wd)
-        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
-
-    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    return jax.jit(lambda x, rw, wg, wu, wd, dy: value_and_grad(x, wg, wu, wd, rw, dy))
-
-
-def _bmm_ffn(xe, wg, wu, wd):
-    gate = jnp.einsum("emd,edf->emf", xe, wg, preferred_element_type=jnp.float32)
-    up = jnp.einsum("emd,edf->emf", xe, wu, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(gate) * up).astype(xe.dtype)
-    return jnp.einsum("emf,efd->emd", h, wd, preferred_element_type=jnp.float32)
-
-
-def make_roof(pass_: str):
-    """A jitted fn(xe [E, m, d], w_gate, w_up, w_down, dye [E, m, d]): the batched-GEMM roof."""
-    if pass_ == "fwd":
-        return jax.jit(lambda xe, wg, wu, wd, dye: _bmm_ffn(xe, wg, wu, wd))
-
-    def loss(xe, wg, wu, wd, dye):
-        return jnp.sum(_bmm_ffn(xe, wg, wu, wd) * dye.astype(jnp.float32))
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,6 +185,14 @@ def count_bytes(shape, T: int, active: float, pass_: str, itemsize: int = 2) -> 
     return 2 * active * w + shape.E * w + 5 * act
 
 
+
+def hbm_roof_ms(nbytes: float, hbm_read_gbps: float | None) -> float | None:
+    """Milliseconds to move the counted bytes at the measured HBM read bandwidth (None: not measured)."""
+    if not hbm_read_gbps:
+        return None
+    return nbytes / (hbm_read_gbps * 1e9) * 1e3
+
+
 # --------------------------------------------------------------------------------------------------
 # The sweep
 
@@ -407,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer T (128,2048 on GPU; 16 on CPU), shorter timing")
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds of timed calls per cell (default 0.3 on GPU, 0.1 with --quick or on CPU)")
-    p.add_argument("--no-ceilings", action="store_true", help="skip the HBM and matmul ceiling probes")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="skip the HBM and matmul ceiling probes (and so the HBM roof)")
+    p.add_argument("--memory", action="store_true",
+                   help="also report each step's device memory as XLA plans it (peak_gib, a breakdown in the log)")
     return p
 
 
@@ -418,7 +233,8 @@ def _check(values, allowed, what):
     return values
 
 
-def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float, env: dict) -> list[dict]:
+def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float, env: dict,
+              hbm_read_gbps: float | None, memory: bool) -> list[dict]:
     sync_each = not on_gpu
     rows: list[dict] = []
     normal = Normal(0, on_host=not on_gpu)
@@ -428,6 +244,8 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
         n_wsets = N_INPUT_SETS if N_INPUT_SETS * shape.expert_weight_bytes() <= WEIGHT_ROTATION_BYTES else 1
         t0 = time.perf_counter()
         wsets = make_weights(shape, normal, n_wsets)
+        # The GEMM roof's (w_gate_up [E, d, 2f], w_down), made once here so no copy is timed.
+        roof_wsets = [(jnp.concatenate([wg, wu], axis=2), wd) for _, wg, wu, wd in wsets]
         log(f"   weights: {n_wsets} set(s) in {time.perf_counter() - t0:.1f}s")
         for T in tokens:
             xs = [normal((T, shape.d)) for _ in range(N_INPUT_SETS)]
@@ -435,27 +253,40 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
             arg_sets = [(xs[i], *wsets[i % n_wsets], dys[i]) for i in range(N_INPUT_SETS)]
             per_set = [int(_active_experts(x, wsets[i % n_wsets][0], k=shape.k)) for i, x in enumerate(xs)]
             active = sum(per_set) / len(per_set)
-            m = -(-T * shape.k // shape.E)  # ceil(T*k/E) rows per expert in the roof
+            m = -(-T * shape.k // shape.E)  # ceil(T*k/E) rows per expert in the GEMM roof
             xes = [normal((shape.E, m, shape.d)) for _ in range(N_INPUT_SETS)]
             dyes = [normal((shape.E, m, shape.d)) for _ in range(N_INPUT_SETS)]
-            roof_sets = [(xes[i], *wsets[i % n_wsets][1:], dyes[i]) for i in range(N_INPUT_SETS)]
+            roof_sets = [(xes[i], *roof_wsets[i % n_wsets], dyes[i]) for i in range(N_INPUT_SETS)]
             for pass_ in passes:
                 tag = f"[{shape.name} T={T} {pass_}]"
                 flops, nbytes = count_flops(shape, T, pass_), count_bytes(shape, T, active, pass_)
+                hbm_ms = hbm_roof_ms(nbytes, hbm_read_gbps)
+                gemm_ms = gemm_peak_bytes = None
                 try:
-                    rt = time_fn(make_roof(pass_), roof_sets, min_time_s=min_time_s, sync_each=sync_each)
-                    roof_ms = rt.ms
-                    log(f"{tag} {'roof':8s} {rt.ms:9.4f} ms  (m={m} rows/expert, {rt.calls_per_round}x"
+                    roof = make_gemm_roof(pass_)
+                    rt = time_fn(roof, roof_sets, min_time_s=min_time_s, sync_each=sync_each)
+                    gemm_ms = rt.ms
+                    log(f"{tag} {'gemm roof':9s} {rt.ms:9.4f} ms  (m={m} rows/expert, {rt.calls_per_round}x"
                         f"{rt.rounds} calls, compile {rt.compile_s:.1f}s)")
+                    if memory:
+                        mem = planned_memory(roof, roof_sets[0])
+                        gemm_peak_bytes = mem.peak_bytes if mem else None
+                        log(f"{tag} {'gemm roof':9s} memory: {memory_line(mem) if mem else 'not reported'}")
+                    del roof
                 except Exception as err:  # e.g. out of memory
-                    roof_ms = None
-                    log(f"{tag} roof FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                    log(f"{tag} gemm roof FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                known = [v for v in (gemm_ms, hbm_ms) if v is not None]
+                limit_ms = max(known) if known else None
                 cell = []
                 for impl in impls:
                     row = {"shape": shape.name, "E": shape.E, "k": shape.k, "d": shape.d, "f": shape.f,
-                           "T": T, "impl": impl, "pass": pass_, "ms": None, "roof_ms": roof_ms,
-                           "roof_frac": None, "tflops": None, "gbps": None, "flops": flops, "bytes": nbytes,
-                           "active_experts": active, "roof_m": m, **env}
+                           "T": T, "impl": impl, "pass": pass_, "ms": None, "tflops": None, "gbps": None,
+                           "gemm_ms": gemm_ms, "hbm_ms": hbm_ms, "limit_ms": limit_ms, "limit_frac": None,
+                           "roof_ms": gemm_ms, "roof_frac": None,  # the GEMM roof, under the older key names
+                           "peak_bytes": None, "flops": flops, "bytes": nbytes, "active_experts": active,
+                           "roof_m": m, **env}
+                    if memory:
+                        row["gemm_peak_bytes"] = gemm_peak_bytes
                     step = None
                     try:
                         step = make_step(make_forward(impl, shape.k), pass_)
@@ -463,11 +294,17 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
                         row.update(ms=t.ms, tflops=flops / (t.ms * 1e-3) / 1e12,
                                    gbps=nbytes / (t.ms * 1e-3) / 1e9, min_ms=t.min_ms, max_ms=t.max_ms,
                                    calls_per_round=t.calls_per_round, rounds=t.rounds, compile_s=t.compile_s)
-                        if roof_ms is not None:
-                            row["roof_frac"] = roof_ms / t.ms
-                        log(f"{tag} {impl:8s} {t.ms:9.4f} ms  {_num(row['tflops']):>6s} TFLOP/s "
-                            f"{_num(row['gbps']):>6s} GB/s  ({t.calls_per_round}x{t.rounds} calls, "
+                        if gemm_ms is not None:
+                            row["roof_frac"] = gemm_ms / t.ms
+                        if limit_ms is not None:
+                            row["limit_frac"] = limit_ms / t.ms
+                        log(f"{tag} {impl:9s} {t.ms:9.4f} ms  {fmt_num(row['tflops']):>6s} TFLOP/s "
+                            f"{fmt_num(row['gbps']):>6s} GB/s  ({t.calls_per_round}x{t.rounds} calls, "
                             f"compile {t.compile_s:.1f}s)")
+                        if memory:  # after timing, so compile_s above is the first call's compilation
+                            mem = planned_memory(step, arg_sets[0])
+                            row["peak_bytes"] = mem.peak_bytes if mem else None
+                            log(f"{tag} {impl:9s} memory: {memory_line(mem) if mem else 'not reported'}")
                     except Exception as err:
                         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
                         log(f"{tag} {impl} FAILED: {row['error'][:300]}")
@@ -481,125 +318,9 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
                 rows.extend(cell)
             del xs, dys, arg_sets, xes, dyes, roof_sets
             gc.collect()
-        del wsets
+        del wsets, roof_wsets
         gc.collect()
     return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Output
-
-
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
-def _num(v) -> str:
-    """A rate with about three significant digits (CPU rates are tiny, GPU rates are in the hundreds)."""
-    if v is None:
-        return "-"
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    if v >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3g}"
-
-
-def format_table(rows: list[dict]) -> str:
-    headers = ["shape", "T", "pass", "impl", "ms", "TFLOP/s", "GB/s", "roof_ms", "roof/ms",
-               "vs xla", "vs tokamax"]
-    body = []
-    for r in rows:
-        if r.get("error"):
-            body.append([r["shape"], str(r["T"]), r["pass"], r["impl"], "FAILED", "", "", "", "", "", ""])
-            continue
-        vs = [f"{r[f'speedup_vs_{p}']:.2f}x" if f"speedup_vs_{p}" in r else "" for p in PEERS]
-        body.append([r["shape"], str(r["T"]), r["pass"], r["impl"], _fmt(r["ms"], ".4f"),
-                     _num(r["tflops"]), _num(r["gbps"]), _fmt(r["roof_ms"], ".4f"),
-                     _fmt(r["roof_frac"], ".2f"), *vs])
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
-    left = {0, 2, 3}
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [line(headers), "  ".join("-" * w for w in widths)]
-    prev = None
-    for b in body:
-        if prev is not None and b[0] != prev:
-            out.append("")
-        prev = b[0]
-        out.append(line(b))
-    return "\n".join(out)
-
-
-def header_line(env: dict, ceilings: dict | None) -> str:
-    s = (f"card: {env['card']} | jax {env['jax']} (jaxlib {env['jaxlib']}) | triton {env['triton']} | "
-         f"jax-triton {env['jax_triton']} | {env['date']} | commit {env['commit']}")
-    if ceilings:
-        s += (f"\nceilings: HBM read {_num(ceilings['hbm_read_gbps'])} GB/s ({ceilings['hbm_probe']}) | "
-              f"dense bf16 {_num(ceilings['matmul_tflops'])} TFLOP/s ({ceilings['matmul_probe']})")
-    else:
-        s += "\nceilings: not measured"
-    return s
-
-
-def write_plot(rows: list[dict], path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as err:
-        return f"plot skipped: matplotlib unavailable ({type(err).__name__}: {err})"
-    ok = [r for r in rows if r.get("ms")]
-    shape_names = list(dict.fromkeys(r["shape"] for r in ok))
-    if not shape_names:
-        return "plot skipped: no rows timed"
-    passes = list(dict.fromkeys(r["pass"] for r in ok))
-    fig, axes = plt.subplots(2, len(shape_names), figsize=(4.8 * len(shape_names), 7.5), squeeze=False)
-    styles = {"fwd": "-", "fwd_bwd": "--"}
-    colors = {"triton": "tab:red", "xla": "tab:blue", "tokamax": "tab:green"}
-    for col, name in enumerate(shape_names):
-        ax_ms, ax_frac = axes[0, col], axes[1, col]
-        for pass_ in passes:
-            suffix = f" {pass_}" if len(passes) > 1 else ""
-            for impl in IMPLS:
-                pts = sorted((r["T"], r["ms"], r["roof_frac"]) for r in ok
-                             if r["shape"] == name and r["pass"] == pass_ and r["impl"] == impl)
-                if not pts:
-                    continue
-                Ts = [p[0] for p in pts]
-                ax_ms.plot(Ts, [p[1] for p in pts], styles.get(pass_, "-"), marker="o",
-                           color=colors.get(impl), label=impl + suffix)
-                fr = [(p[0], p[2]) for p in pts if p[2] is not None]
-                if fr:
-                    ax_frac.plot([p[0] for p in fr], [p[1] for p in fr], styles.get(pass_, "-"), marker="o",
-                                 color=colors.get(impl), label=impl + suffix)
-            roof = sorted({(r["T"], r["roof_ms"]) for r in ok
-                           if r["shape"] == name and r["pass"] == pass_ and r["roof_ms"]})
-            if roof:
-                ax_ms.plot([p[0] for p in roof], [p[1] for p in roof], styles.get(pass_, "-"), color="black",
-                           alpha=0.6, label="bmm roof" + suffix)
-        ax_frac.axhline(1.0, color="black", alpha=0.6, lw=1)
-        for ax in (ax_ms, ax_frac):
-            ax.set_xscale("log", base=2)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.set_xlabel("T (tokens)")
-        ax_ms.set_yscale("log")
-        ax_ms.set_title(name)
-        ax_ms.set_ylabel("ms (median)")
-        ax_frac.set_ylabel("roof_ms / ms (higher is better)")
-        ax_ms.legend(fontsize=8)
-    card = ok[0]["card"]
-    fig.suptitle(f"jaxmoe MoE layer, bf16, {card}\ncommit {ok[0]['commit']}, {ok[0]['date']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"plot written to {path}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -650,14 +371,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ceilings = None
     if not args.no_ceilings:
         t0 = time.perf_counter()
-        ceilings = measure_ceilings(on_gpu, min_time, sync_each=not on_gpu)
-        log(f"ceilings ({time.perf_counter() - t0:.1f}s): HBM read {_num(ceilings['hbm_read_gbps'])} GB/s, "
-            f"dense bf16 {_num(ceilings['matmul_tflops'])} TFLOP/s"
+        ceilings = measure_ceilings(Normal(1234, on_host=not on_gpu), on_gpu, min_time, sync_each=not on_gpu)
+        log(f"ceilings ({time.perf_counter() - t0:.1f}s): HBM read {fmt_num(ceilings['hbm_read_gbps'])} GB/s, "
+            f"dense bf16 {fmt_num(ceilings['matmul_tflops'])} TFLOP/s"
             + ("" if on_gpu else " (CPU probes are small: indicative only)"))
 
     t0 = time.perf_counter()
     resolved = [shapes_lib.get(s) for s in shapes]
-    rows = run_sweep(resolved, tokens, impls, passes, on_gpu=on_gpu, min_time_s=min_time, env=env) if impls else []
+    hbm_read_gbps = ceilings["hbm_read_gbps"] if ceilings else None
+    rows = run_sweep(resolved, tokens, impls, passes, on_gpu=on_gpu, min_time_s=min_time, env=env,
+                     hbm_read_gbps=hbm_read_gbps, memory=args.memory) if impls else []
     if ceilings:
         for r in rows:
             r["hbm_read_gbps"], r["matmul_tflops"] = ceilings["hbm_read_gbps"], ceilings["matmul_tflops"]
@@ -672,7 +395,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**env, "ceilings": ceilings, "argv": list(argv) if argv is not None else sys.argv[1:],
-            "min_time_s": min_time, "shapes": shapes, "tokens": tokens, "impls": impls, "passes": passes}
+            "min_time_s": min_time, "shapes": shapes, "tokens": tokens, "impls": impls, "passes": passes,
+            "memory": args.memory}
     with open(json_path, "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1, default=float)
     log(f"json written to {json_path}")

@@ -26,7 +26,7 @@ import jaxmoe
 from jaxmoe import config as configs
 from jaxmoe import ops, reference
 from benchmarks import shapes as shapes_lib
-from benchmarks.moe import time_fn
+from benchmarks.timing import time_fn
 
 # (block_n, block_k, num_warps, num_stages) per BLOCK_M class
 SMALL_M = [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5)]

@@ -6,10 +6,15 @@ then a gather back to assignment order and a weighted sum over each token's k ro
 Every permutation here is a gather whose VJP is the gather by the inverse permutation. JAX's own VJP
 of a gather is a scatter-add, which XLA runs with float atomics on GPU; a permutation has exactly one
 source per row, so gathering instead keeps outputs and gradients bitwise reproducible.
+
+`make_ragged_dot` states the backward of one grouped GEMM as two more grouped GEMMs (dlhs, drhs): the
+per-GEMM VJP the kernels are held against, and the glue that lets a peer's ragged GEMM stand in for
+`jax.lax.ragged_dot` in `grouped_expert_ffn`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -100,6 +105,54 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation=None):
     return grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down)
 
 
+# jax.lax.RaggedDotDimensionNumbers of the three GEMMs of a grouped GEMM and its VJP, for lhs [M, K] with
+# rows grouped (group g holds group_sizes[g] consecutive rows) and rhs [G, K, N]:
+RAGGED_DOT_DIMS = jax.lax.RaggedDotDimensionNumbers(  # out [M, N] = lhs @ rhs[g] per row group
+    dot_dimension_numbers=(([1], [1]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+RAGGED_DOT_DLHS_DIMS = jax.lax.RaggedDotDimensionNumbers(  # dlhs [M, K] = dout [M, N] @ rhs[g]^T per row group
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+RAGGED_DOT_DRHS_DIMS = jax.lax.RaggedDotDimensionNumbers(  # drhs [G, K, N] = lhs_g^T @ dout_g, rows contracted
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+
+
+def make_ragged_dot(general: Callable) -> Callable:
+    """A `jax.lax.ragged_dot`-style grouped GEMM whose VJP is two more grouped GEMMs of the same backend.
+
+    Args:
+      general: general(lhs, rhs, group_sizes, dims, precision, preferred_element_type) -> array, with the
+        semantics of `jax.lax.ragged_dot_general`; it is called with the three dimension numbers above.
+
+    Returns:
+      ragged_dot(lhs [M, K], rhs [G, K, N], group_sizes [G], *, precision=None, preferred_element_type=None)
+      -> [M, N]. The forward passes preferred_element_type through (the pipeline asks for float32). The
+      backward computes dlhs = dout @ rhs[g]^T (ragged rows) and drhs[g] = lhs_g^T @ dout_g (ragged
+      contraction), both in the operands' dtype, with the cotangent first rounded to the operands' dtype:
+      tokamax's Mosaic GPU kernels reject a float32 cotangent against bf16 operands.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def ragged_dot(lhs, rhs, group_sizes, precision, preferred_element_type):
+        return general(lhs, rhs, group_sizes, RAGGED_DOT_DIMS, precision, preferred_element_type)
+
+    def ragged_dot_fwd(lhs, rhs, group_sizes, precision, preferred_element_type):
+        out = general(lhs, rhs, group_sizes, RAGGED_DOT_DIMS, precision, preferred_element_type)
+        return out, (lhs, rhs, group_sizes)  # the operands are both GEMMs' inputs: nothing to recompute
+
+    def ragged_dot_bwd(precision, preferred_element_type, residuals, dout):
+        lhs, rhs, group_sizes = residuals
+        dout = dout.astype(lhs.dtype)
+        dlhs = general(dout, rhs, group_sizes, RAGGED_DOT_DLHS_DIMS, precision, lhs.dtype)
+        drhs = general(lhs, dout, group_sizes, RAGGED_DOT_DRHS_DIMS, precision, rhs.dtype)
+        return dlhs, drhs, None
+
+    ragged_dot.defvjp(ragged_dot_fwd, ragged_dot_bwd)
+
+    def call(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
+        return ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), precision, preferred_element_type)
+
+    return call
+
+
 def aux_losses(logits: jax.Array, routing: Routing, E: int) -> MoEAux:
     T, k = routing.ids.shape
     counts = _expert_counts(routing.ids.reshape(-1), E)
@@ -137,4 +190,5 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", ren
                         renormalize=renormalize, bias=bias, route_fn=route, expert_ffn_fn=grouped_expert_ffn)
 
 
-__all__ = ["MoEAux", "Routing", "expert_ffn", "expert_probs", "moe", "permute_rows", "route"]
+__all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "Routing", "expert_ffn",
+           "expert_probs", "make_ragged_dot", "moe", "permute_rows", "route"]

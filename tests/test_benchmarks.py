@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end in CPU mode and writes well-formed rows."""
+"""The benchmark harness runs end to end in CPU mode and writes well-formed rows; its roofs count what
+they claim to; the per-GEMM reference VJP in jaxmoe.reference matches jax.lax.ragged_dot."""
 
 import functools
 import json
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,59 +15,125 @@ if str(ROOT) not in sys.path:  # benchmarks/ is run from the repo root, not inst
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import moe as bench  # noqa: E402
-from benchmarks import shapes  # noqa: E402
+from benchmarks import peers, report, shapes, timing  # noqa: E402
+from jaxmoe import reference  # noqa: E402
 
-REQUIRED = {"shape", "T", "impl", "pass", "ms", "roof_ms", "card", "tflops", "gbps", "active_experts",
-            "jax", "triton", "jax_triton", "commit", "date"}
+REQUIRED = {"shape", "T", "impl", "pass", "ms", "gemm_ms", "hbm_ms", "limit_ms", "limit_frac", "roof_ms",
+            "roof_frac", "peak_bytes", "card", "tflops", "gbps", "bytes", "active_experts", "jax", "triton",
+            "jax_triton", "commit", "date"}
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU mode of the harness")
 def test_cpu_run_writes_rows_and_table(tmp_path, capsys):
     out = tmp_path / "moe.json"
-    rows = bench.main(["--quick", "--tokens", "16", "--pass", "fwd,fwd_bwd", "--min-time", "0.01",
-                       "--no-ceilings", "--json", str(out), "--plot", "none"])
+    rows = bench.main(["--quick", "--tokens", "16", "--pass", "fwd,fwd_bwd", "--min-time", "0.01", "--memory",
+                       "--json", str(out), "--plot", "none"])
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["rows"] == json.loads(json.dumps(rows))
     assert {(r["impl"], r["shape"], r["T"], r["pass"]) for r in data["rows"]} == {
         ("xla", "tiny", 16, "fwd"), ("xla", "tiny", 16, "fwd_bwd")}
+    gbps = data["meta"]["ceilings"]["hbm_read_gbps"]
     for r in data["rows"]:
         assert REQUIRED <= r.keys(), REQUIRED - r.keys()
         assert "error" not in r
-        assert r["ms"] > 0 and r["roof_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+        assert r["ms"] > 0 and r["gemm_ms"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+        assert r["hbm_ms"] == pytest.approx(r["bytes"] / (gbps * 1e9) * 1e3)
+        assert r["limit_ms"] == max(r["gemm_ms"], r["hbm_ms"])
+        assert r["limit_frac"] == pytest.approx(r["limit_ms"] / r["ms"])
+        assert r["roof_ms"] == r["gemm_ms"] and r["roof_frac"] == pytest.approx(r["gemm_ms"] / r["ms"])
+        assert r["peak_bytes"] > 0 and r["gemm_peak_bytes"] > 0
         assert 1 <= r["active_experts"] <= shapes.SHAPES["tiny"].E
         assert r["card"] == jax.devices()[0].device_kind
     assert data["meta"]["card"] == jax.devices()[0].device_kind
     assert "the Triton rows need a GPU" in printed
+    assert "xla       memory: args " in printed
     header = next(line for line in printed.splitlines() if line.startswith("shape "))
-    for column in ("T", "impl", "ms", "TFLOP/s", "GB/s", "roof_ms", "roof/ms", "vs xla", "vs tokamax"):
-        assert column in header
+    assert header.split() == ["shape", "T", "pass", "impl", "ms", "TFLOP/s", "GB/s", "gemm_ms", "hbm_ms",
+                              "limit_ms", "limit/ms", "peak_gib", "vs", "xla", "vs", "tokamax"]
     assert "card: cpu" in printed
 
 
-def test_counting_and_table_formatting():
+def test_counting_and_hbm_roof():
     s = shapes.SHAPES["mixtral"]
+    w = 3 * 4096 * 14336 * 2  # one expert's three bf16 weights
     assert bench.count_flops(s, 16, "fwd") == 2 * 16 * 2 * 4096 * 14336 * 3
     assert bench.count_flops(s, 16, "fwd_bwd") == 3 * bench.count_flops(s, 16, "fwd")
-    assert bench.count_bytes(s, 16, 8, "fwd") == 8 * 3 * 4096 * 14336 * 2 + 2 * 16 * 4096 * 2
+    # fwd: the weights of the experts that received tokens, x read, y written
+    assert bench.count_bytes(s, 16, 7, "fwd") == 7 * w + 2 * 16 * 4096 * 2
+    # fwd_bwd: active weights read twice, all E weight gradients written, x twice, dy, y, dx
+    assert bench.count_bytes(s, 16, 7, "fwd_bwd") == 2 * 7 * w + 8 * w + 5 * 16 * 4096 * 2
+    assert bench.hbm_roof_ms(2e9, 1000.0) == pytest.approx(2.0)  # 2 GB at 1000 GB/s
+    assert bench.hbm_roof_ms(2e9, None) is None
+
+
+def _flops(jitted, *args) -> float | None:
+    """XLA's FLOP count of the compiled fn; None off CPU, where the GEMMs become cuBLAS calls that the
+    cost analysis does not count in full."""
+    if jax.default_backend() != "cpu":
+        return None
+    cost = jitted.lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_gemm_roof_is_the_expert_gemms():
+    """Gate/up as one [E, d, 2f] einsum, down on its first f columns, bf16 out, the layer's GEMM FLOPs."""
+    E, m, d, f = 4, 8, 64, 128
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    xe = jax.random.normal(k1, (E, m, d), jnp.bfloat16)
+    w_gate_up = jax.random.normal(k2, (E, d, 2 * f), jnp.bfloat16)
+    w_down = jax.random.normal(k3, (E, f, d), jnp.bfloat16)
+    dye = jax.random.normal(k4, (E, m, d), jnp.bfloat16)
+    gemm_flops = 2 * E * m * d * (2 * f) + 2 * E * m * f * d
+
+    fwd = peers.make_gemm_roof("fwd")
+    out = fwd(xe, w_gate_up, w_down, dye)
+    assert out.shape == (E, m, d) and out.dtype == jnp.bfloat16
+    h = jnp.einsum("emd,edf->emf", xe, w_gate_up[..., :f])  # no activation between the two GEMMs
+    want = jnp.einsum("emf,efd->emd", h, w_down)
+    assert jnp.allclose(out.astype(jnp.float32), want.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    assert _flops(fwd, xe, w_gate_up, w_down, dye) in (gemm_flops, None)
+
+    fwd_bwd = peers.make_gemm_roof("fwd_bwd")
+    value, grads = fwd_bwd(xe, w_gate_up, w_down, dye)
+    assert value.dtype == jnp.float32
+    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, jnp.bfloat16) for a in (xe, w_gate_up, w_down)]
+    # 3x the forward GEMMs; XLA also counts the few elementwise ops (the <out, dy> product, converts).
+    flops = _flops(fwd_bwd, xe, w_gate_up, w_down, dye)
+    assert flops is None or 3 * gemm_flops <= flops <= 1.05 * 3 * gemm_flops
+
+
+def test_planned_memory():
+    x = jnp.ones((256, 256), jnp.float32)
+    mem = timing.planned_memory(jax.jit(lambda a: a @ a), (x,))
+    assert mem.argument_bytes == x.nbytes and mem.output_bytes == x.nbytes
+    assert mem.peak_bytes >= 2 * x.nbytes
+    assert timing.planned_memory(lambda a: a, (x,)) is None  # not a jitted fn: recorded as None, not raised
+
+
+def test_table_formatting():
     rows = [{"shape": "tiny", "T": 16, "pass": "fwd", "impl": "triton", "ms": 1.0, "tflops": 2.0, "gbps": 3.0,
-             "roof_ms": 0.5, "roof_frac": 0.5, "speedup_vs_xla": 2.0},
+             "gemm_ms": 0.5, "hbm_ms": 0.25, "limit_ms": 0.5, "limit_frac": 0.5, "peak_bytes": 3 << 30,
+             "speedup_vs_xla": 2.0},
             {"shape": "tiny", "T": 16, "pass": "fwd", "impl": "xla", "ms": 2.0, "tflops": 1.0, "gbps": 1.5,
-             "roof_ms": 0.5, "roof_frac": 0.25},
+             "gemm_ms": 0.5, "hbm_ms": None, "limit_ms": 0.5, "limit_frac": 0.25, "peak_bytes": None},
             {"shape": "tiny", "T": 16, "pass": "fwd", "impl": "tokamax", "error": "boom"}]
-    table = bench.format_table(rows)
-    assert "2.00x" in table and "FAILED" in table
+    lines = report.format_table(rows).splitlines()
+    assert lines[2].split() == ["tiny", "16", "fwd", "triton", "1.0000", "2.00", "3.00", "0.5000", "0.2500",
+                                "0.5000", "0.50", "3.00", "2.00x"]
+    assert lines[3].split()[-2:] == ["0.25", "-"]
+    assert "FAILED" in lines[4]
 
 
-def test_peer_ragged_dot_wrapper_matches_lax_ragged_dot():
-    """The custom-VJP wrapper the tokamax rows use, driven by jax.lax.ragged_dot_general on CPU."""
-    import jax.numpy as jnp
+def test_reference_ragged_dot_matches_lax_ragged_dot():
+    """make_ragged_dot's VJP (two ragged GEMMs) driven by jax.lax.ragged_dot_general, against
+    jax.lax.ragged_dot and its own VJP: values and both gradients, with an empty group."""
 
     def general(lhs, rhs, group_sizes, dims, precision, preferred_element_type):
         return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
                                           preferred_element_type=preferred_element_type)
 
-    wrapped = bench.make_ragged_dot(general)
+    ragged_dot = reference.make_ragged_dot(general)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     lhs = jax.random.normal(k1, (10, 6), jnp.float32)
     rhs = jax.random.normal(k2, (3, 6, 5), jnp.float32)
@@ -75,8 +143,9 @@ def test_peer_ragged_dot_wrapper_matches_lax_ragged_dot():
     def loss(fn, lhs, rhs):
         return jnp.sum(fn(lhs, rhs, group_sizes, preferred_element_type=jnp.float32) * dout)
 
-    got = jax.value_and_grad(functools.partial(loss, wrapped), argnums=(0, 1))(lhs, rhs)
+    got = jax.value_and_grad(functools.partial(loss, ragged_dot), argnums=(0, 1))(lhs, rhs)
     want = jax.value_and_grad(functools.partial(loss, jax.lax.ragged_dot), argnums=(0, 1))(lhs, rhs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert jnp.allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert jnp.all(jax.grad(functools.partial(loss, ragged_dot), argnums=1)(lhs, rhs)[1] == 0)  # empty group

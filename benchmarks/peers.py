@@ -1,0 +1,112 @@
+"""What the benchmark runs: the implementations (rows), the step of each pass, and the GEMM roof.
+
+Implementations:
+  triton   jaxmoe.moe(..., implementation="triton")                   (GPU only)
+  xla      jaxmoe.moe(..., implementation="xla"), the jax.lax reference
+  tokamax  jaxmoe.reference.moe_pipeline with tokamax.ragged_dot_general(implementation="mosaic") as the
+           grouped GEMM (GPU only, and only when `import tokamax` works), through
+           jaxmoe.reference.make_ragged_dot: its VJP is two more tokamax ragged GEMMs. tokamax runs its
+           heuristic kernel config (no autotuning cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+import jaxmoe
+from jaxmoe import reference
+
+IMPLS = ("triton", "xla", "tokamax")
+PEERS = ("xla", "tokamax")  # the rows a triton row is compared with
+PASSES = ("fwd", "fwd_bwd")
+
+
+def _tokamax_general(lhs, rhs, group_sizes, dims, precision, preferred_element_type):
+    import tokamax
+
+    return tokamax.ragged_dot_general(lhs, rhs, group_sizes, dims, precision=precision,
+                                      preferred_element_type=preferred_element_type, implementation="mosaic")
+
+
+tokamax_ragged_dot = reference.make_ragged_dot(_tokamax_general)
+
+
+def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
+    """impl -> None when it can run here, else the reason it is skipped."""
+    reasons: dict[str, str | None] = {}
+    for impl in impls:
+        if impl == "xla":
+            reasons[impl] = None
+        elif not on_gpu:
+            reasons[impl] = ("the Triton rows need a GPU (jaxmoe.moe(implementation='triton') runs only "
+                             "on a GPU with jax-triton)" if impl == "triton" else
+                             "tokamax's Mosaic GPU ragged_dot needs a GPU")
+        elif impl == "tokamax":
+            try:
+                import tokamax  # noqa: F401
+
+                # Without a tuned cache for these shapes tokamax uses its heuristic config and logs an
+                # "Autotuning cache miss" warning (through absl) at every trace; keep them out of the log.
+                logging.getLogger("absl").setLevel(logging.ERROR)
+                reasons[impl] = None
+            except Exception as err:
+                reasons[impl] = f"`import tokamax` failed ({type(err).__name__}: {err})"
+        else:
+            reasons[impl] = None
+    return reasons
+
+
+def make_forward(impl: str, k: int):
+    """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation."""
+    if impl == "tokamax":
+        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=tokamax_ragged_dot)
+        return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
+                                 bias=None, route_fn=jaxmoe.route, expert_ffn_fn=expert_ffn)
+    return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
+
+
+def make_step(forward, pass_: str):
+    """A jitted fn(x, router_weight, w_gate, w_up, w_down, dy) for the pass (dy unused by "fwd").
+
+    fwd_bwd is value_and_grad of <y, dy> with respect to x and the expert weights; dy is a random
+    cotangent because a plain sum would give XLA a ones cotangent to simplify.
+    """
+    if pass_ == "fwd":
+        return jax.jit(lambda x, rw, wg, wu, wd, dy: forward(x, rw, wg, wu, wd))
+
+    def loss(x, wg, wu, wd, rw, dy):
+        y, _ = forward(x, rw, wg, wu, wd)
+        return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    return jax.jit(lambda x, rw, wg, wu, wd, dy: value_and_grad(x, wg, wu, wd, rw, dy))
+
+
+def gemm_roof_ffn(xe, w_gate_up, w_down):
+    """xe [E, m, d] -> [E, m, d] with the expert GEMMs' FLOPs and nothing else.
+
+    Gate and up are one einsum against w_gate_up [E, d, 2f]; the down einsum takes the first f columns
+    of its output as they are (a slice, no SwiGLU), so the roof times GEMMs only. Outputs are bf16.
+    """
+    f = w_down.shape[1]
+    h = jnp.einsum("emd,edn->emn", xe, w_gate_up)
+    return jnp.einsum("emf,efd->emd", h[..., :f], w_down)
+
+
+def make_gemm_roof(pass_: str):
+    """A jitted fn(xe [E, m, d], w_gate_up [E, d, 2f], w_down [E, f, d], dye [E, m, d]) for the pass.
+
+    fwd_bwd is value_and_grad of <out, dye> (the product in float32 only for the scalar) with respect
+    to xe, w_gate_up and w_down: 3x the forward's GEMM FLOPs, as the layer's backward.
+    """
+    if pass_ == "fwd":
+        return jax.jit(lambda xe, wgu, wd, dye: gemm_roof_ffn(xe, wgu, wd))
+
+    def loss(xe, wgu, wd, dye):
+        return jnp.sum(gemm_roof_ffn(xe, wgu, wd).astype(jnp.float32) * dye.astype(jnp.float32))
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
