@@ -83,13 +83,13 @@ class Cell:
 
     def gate_up(self, disp, block_m, gemm):
         fn = jax.jit(lambda x, wg, wu, w, dp: ops.grouped_gemm(
-            x, wg, wu, w, dp, n_out=self.shape.f, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=True,
+            x, wg, wu, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=True,
             gated=True, scale_rows=False, precision="ieee", out_dtype=x.dtype, mode="triton"))
         return fn, (self.x, self.w_gate, self.w_up, self.row_weights, disp)
 
     def down(self, h, disp, block_m, gemm):
         fn = jax.jit(lambda hh, wd, w, dp: ops.grouped_gemm(
-            hh, wd, wd, w, dp, n_out=self.shape.d, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=False,
+            hh, wd, wd, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=False,
             gated=False, scale_rows=True, precision="ieee", out_dtype=hh.dtype, mode="triton"))
         return fn, (h, self.w_down, self.row_weights, disp)
 

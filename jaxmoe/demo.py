@@ -222,6 +222,7 @@ def train(args: argparse.Namespace) -> dict:
     return {
         "implementation": jaxmoe.resolve_implementation(args.implementation),
         "initial_loss": losses[0],
+        "losses": losses,
         "final_loss": float(np.mean(losses[-FINAL_WINDOW:])),
         "final_window": len(recent_counts),
         "unigram_entropy": unigram_entropy(tokens),

@@ -1,4 +1,5 @@
-"""The portability gate: every kernel variant jaxmoe can launch, compiled for NVIDIA and AMD targets.
+"""The portability gate: every kernel variant jaxmoe can launch, forward and backward, compiled for
+NVIDIA and AMD targets.
 
 Variants are collected by tracing the real launch layer in "record" mode, so the gate compiles
 exactly the signatures and constexprs that ops.py would launch with each shipped config.
@@ -23,13 +24,20 @@ _FFN_SHAPES = [(64, 512, 512, 8, 2), (37, 200, 200, 8, 2)]
 _ROUTE_SHAPES = [(64, 8, 2, "softmax", False), (64, 128, 8, "sigmoid", True)]
 
 
-def _record_ffn(dtype: str, cfg: config.MoEConfig, shape, precision: str) -> list[launch.LaunchRecord]:
+def _record_ffn(dtype: str, cfg: config.MoEConfig, shape, precision: str, backward: bool = True
+                ) -> list[launch.LaunchRecord]:
     T, d, f, E, k = shape
     args = (jax.ShapeDtypeStruct((T, d), dtype), jax.ShapeDtypeStruct((T, k), jnp.float32),
             jax.ShapeDtypeStruct((T, k), jnp.int32), jax.ShapeDtypeStruct((E, d, f), dtype),
             jax.ShapeDtypeStruct((E, d, f), dtype), jax.ShapeDtypeStruct((E, f, d), dtype))
+    ffn = functools.partial(ops.expert_ffn, mode="record", config=cfg)
+
+    def forward_and_backward(*a):  # the custom VJP's forward (which keeps residuals) and backward
+        y, vjp = jax.vjp(lambda x, w, wg, wu, wd: ffn(x, w, a[2], wg, wu, wd), *a[:2], *a[3:])
+        return ffn(*a), vjp(y)
+
     with launch.recording() as records, jax.default_matmul_precision(precision):
-        jax.eval_shape(functools.partial(ops.expert_ffn, mode="record", config=cfg), *args)
+        jax.eval_shape(forward_and_backward if backward else ffn, *args)
     return records
 
 
@@ -53,10 +61,14 @@ def _key(record: launch.LaunchRecord) -> str:
 
 
 def shipped_launches() -> list[launch.LaunchRecord]:
-    """Every kernel of every shipped config, plus the ragged-K and float32-precision variants once."""
+    """Every forward kernel of every shipped config; the backward kernels of the heuristic's configs (the
+    table's differ from them only in tile sizes, and compiling them all would triple the gate's time);
+    the ragged-K and float32-precision variants once."""
     records = []
+    heuristic_configs = {config.heuristic(b, dt, 128, 128).with_backward(dt) for b in (1, 64, 4096)
+                         for dt in ("bfloat16", "float16", "float32")}
     for dtype, cfg in config.shipped_configs():
-        records += _record_ffn(dtype, cfg, _FFN_SHAPES[0], "default")
+        records += _record_ffn(dtype, cfg, _FFN_SHAPES[0], "default", backward=cfg in heuristic_configs)
     some_config = config.heuristic(64, "float32", 512, 512)
     for precision in ("high", "highest"):
         records += _record_ffn("float32", some_config, _FFN_SHAPES[0], precision)

@@ -1,11 +1,12 @@
-"""One base that holds every implementation against the jax.lax reference.
+"""One base that holds every implementation against the jax.lax reference, forward and backward.
 
-"interpret" runs the Triton kernels in Triton's interpreter on CPU (float32 and float16: the
-interpreter's bfloat16 tl.dot is wrong, triton issue 11584); "triton" runs them on the GPU.
+"interpret" runs the Triton kernels, forward and backward, in Triton's interpreter on CPU; "triton"
+runs them on the GPU. Each implementation declares its dtypes in jaxmoe.SUPPORTED_DTYPES.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 import jaxmoe
 from jaxmoe import ops, reference
 from jaxmoe.config import GemmConfig, MoEConfig
-from conftest import Problem, assert_close, rel_err
+from conftest import TOLERANCE, Problem, assert_close, rel_err
 
 IMPLEMENTATIONS = ["xla", "interpret", pytest.param("triton", marks=pytest.mark.gpu)]
 KERNEL_IMPLEMENTATIONS = ["interpret", pytest.param("triton", marks=pytest.mark.gpu)]
@@ -33,7 +34,7 @@ SHAPES = [(37, 96, 200, 5, 2), (64, 32, 48, 1, 1), (19, 40, 24, 4, 4), (1, 16, 2
 
 
 def dtypes_for(impl):
-    return {"interpret": [jnp.float32, jnp.float16]}.get(impl, [jnp.float32, jnp.float16, jnp.bfloat16])
+    return [jnp.dtype(name) for name in jaxmoe.SUPPORTED_DTYPES[impl]]
 
 
 def run(impl, p: Problem, config=None):
@@ -112,18 +113,102 @@ def test_bitwise_deterministic(impl):
     assert a.tobytes() == b.tobytes()
 
 
+def grads(impl, p: Problem, config=None):
+    """Gradients of <y, g> (g a fixed random cotangent) in x, the routing weights and the three expert weights."""
+    if impl == "reference":
+        fn = reference.grouped_expert_ffn
+    elif config is not None:
+        fn = functools.partial(ops.expert_ffn, mode=impl, config=config)
+    else:
+        fn = functools.partial(jaxmoe.expert_ffn, implementation=impl)
+    g = jax.random.normal(jax.random.key(p.T + 7), (p.T, p.d), jnp.float32)
+
+    def loss(x, w, wg, wu, wd, ids):  # ids traced, as under a user's jit: no eager range check
+        return jnp.sum(fn(x, w, ids, wg, wu, wd).astype(jnp.float32) * g)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(p.x, p.weights, p.w_gate, p.w_up, p.w_down, p.ids)
+
+
+GRAD_NAMES = ("x", "weights", "w_gate", "w_up", "w_down")
+
+
+def assert_grads_close(got, want, dtype):
+    for name, a, b in zip(GRAD_NAMES, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        err = rel_err(a, b)
+        assert err <= TOLERANCE[jnp.dtype(dtype)], f"d{name}: normalised error {err:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_d{}_f{}_E{}_k{}".format(*s))
+def test_grads_match_reference(impl, shape):
+    """Odd dims, E = 1, k = E, T = 1 and T = 0, in every dtype the implementation supports."""
+    for dtype in dtypes_for(impl):
+        p = Problem(hash(shape) % 1000 + 1, *shape, dtype=dtype)
+        assert_grads_close(grads(impl, p), grads("reference", p), dtype)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
-def test_grad_matches_reference(impl):
-    p = Problem(24, 13, 16, 24, 4, 2)
+@pytest.mark.parametrize("config", [SMALL_TILES, SPLIT_K], ids=["small_tiles", "split_k"])
+def test_grads_small_tiles_ragged_k(impl, config):
+    """Several row blocks, N tiles and routing-weight planes; ragged last K steps in every GEMM."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        p = Problem(30, 53, 72, 40, 3, 2, dtype=dtype)
+        assert_grads_close(grads(impl, p, config), grads("reference", p), dtype)
 
-    def loss(fn):
-        return lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(fn(x, w, p.ids, wg, wu, wd)))
 
-    args = (p.x, p.weights, p.w_gate, p.w_up, p.w_down)
-    got = jax.jit(jax.grad(loss(lambda *a: jaxmoe.expert_ffn(*a, implementation=impl)), (0, 1, 2, 3, 4)))(*args)
-    want = jax.grad(loss(reference.grouped_expert_ffn), (0, 1, 2, 3, 4))(*args)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) <= 1e-5
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_grads_empty_experts_and_one_expert(impl):
+    """Experts with no rows get exact zero weight gradients; all tokens on one expert."""
+    E, T = 5, 37
+    rng = np.random.default_rng(1)
+    ids = np.stack([rng.choice([0, 3], size=2, replace=False) for _ in range(T)])
+    for ids in (ids, np.full((T, 1), 2)):
+        p = Problem(31, T, 24, 40, E, ids.shape[1], ids=ids)
+        got, want = grads(impl, p, SMALL_TILES), grads("reference", p)
+        assert_grads_close(got, want, jnp.float32)
+        unused = np.setdiff1d(np.arange(E), np.unique(ids))
+        for g in got[2:]:
+            assert np.all(np.asarray(g)[unused] == 0)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_grads_out_of_range_ids_under_jit(impl):
+    p = Problem(32, 9, 16, 24, 4, 2)
+    p.ids = p.ids.at[0, 1].set(7).at[3, 0].set(-1)
+    got = grads(impl, p)
+    assert_grads_close(got, grads("reference", p), jnp.float32)
+    assert got[1][0, 1] == 0 and got[1][3, 0] == 0
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_grads_bitwise_deterministic(impl):
+    p = Problem(33, 45, 32, 48, 4, 2, dtype=jnp.bfloat16)
+    first, second = grads(impl, p, SPLIT_K), grads(impl, p, SPLIT_K)
+    for a, b in zip(first, second):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("scoring, renormalize, with_bias", [("softmax", True, False), ("sigmoid", False, True)])
+def test_moe_grads_match_reference(impl, scoring, renormalize, with_bias):
+    """Through `moe`: x, the router weight (through routing and the aux losses) and the expert weights."""
+    p = Problem(34, 30, 32, 48, 6, 2)
+    router = jax.random.normal(jax.random.key(6), (p.d, p.E)) / np.sqrt(p.d)
+    bias = jnp.linspace(-0.1, 0.1, p.E) if with_bias else None
+    g = jax.random.normal(jax.random.key(7), (5, 6, p.d))
+
+    def loss(moe_fn):
+        def inner(x, rw, wg, wu, wd):
+            y, aux = moe_fn(x, rw, wg, wu, wd, top_k=2, scoring=scoring, renormalize=renormalize, bias=bias)
+            return jnp.sum(y * g) + aux.load_balancing_loss + 0.1 * aux.router_z_loss
+        return jax.jit(jax.grad(inner, argnums=(0, 1, 2, 3, 4)))
+
+    args = (p.x.reshape(5, 6, p.d), router, p.w_gate, p.w_up, p.w_down)
+    got = loss(functools.partial(jaxmoe.moe, implementation=impl))(*args)
+    want = loss(reference.moe)(*args)
+    for name, a, b in zip(("x", "router_weight", "w_gate", "w_up", "w_down"), got, want):
+        assert rel_err(a, b) <= 1e-5, name
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
