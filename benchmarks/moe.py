@@ -93,9 +93,11 @@ def _version(module: str) -> str:
 
 
 def git_commit() -> str:
-    """`git rev-parse --short HEAD` (+dirty); where there is no git checkout (the GPU machine gets a copy of
-    the working tree without .git) the BENCH_COMMIT environment variable, else "unknown"."""
-    fallback = os.environ.get("BENCH_COMMIT", "unknown")
+    """The BENCH_COMMIT environment variable when set (the GPU machine's copy of the tree may carry a stale
+    .git), else `git rev-parse --short HEAD` (+dirty), else "unknown"."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    fallback = "unknown"
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10)
