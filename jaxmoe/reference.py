@@ -57,7 +57,33 @@ def _expert_counts(flat_ids: jax.Array, E: int) -> jax.Array:
     return jnp.zeros(E + 1, jnp.int32).at[bins].add(1)[:E]  # integer adds: order cannot matter
 
 
-def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, ragged_dot: Callable = jax.lax.ragged_dot):
+def masked_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
+    """`jax.lax.ragged_dot` as one dense dot per group whose rows of other groups are selected away.
+
+    XLA's CPU ragged_dot multiplies the rows of other groups (zeros) by each group's weights, so an
+    Inf or NaN in one expert's weights (0 * Inf = NaN) reached every token. Selecting (not multiplying)
+    both the group's input rows and its output rows keeps a non-finite value to the rows it touches,
+    forward and backward. The cost is one dense dot per group: acceptable on CPU, where this is used.
+    """
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    rows = jnp.arange(lhs.shape[0])
+    out_dtype = preferred_element_type or lhs.dtype
+
+    def one_group(g, out):
+        mine = ((rows >= starts[g]) & (rows < starts[g] + group_sizes[g]))[:, None]
+        part = jnp.dot(jnp.where(mine, lhs, 0), rhs[g], precision=precision, preferred_element_type=out_dtype)
+        return jnp.where(mine, part, out)
+
+    return jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype))
+
+
+def default_ragged_dot(*args, **kwargs):
+    """jax.lax.ragged_dot, except on CPU, where masked_ragged_dot keeps Inf and NaN in their own rows."""
+    fn = masked_ragged_dot if jax.default_backend() == "cpu" else jax.lax.ragged_dot
+    return fn(*args, **kwargs)
+
+
+def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, ragged_dot: Callable = default_ragged_dot):
     """The expert FFN with a pluggable grouped GEMM (the benchmark swaps in peers' ragged_dot)."""
     T, d = x.shape
     k = ids.shape[1]

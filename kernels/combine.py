@@ -35,7 +35,8 @@ def combine_kernel(
         row = tl.load(assignment_rows_ptr + tokens * top_k + j, mask=token_ok, other=-1)
         row_ok = token_ok & (row >= 0)
         for s in range(SPLITS):  # a loop, not unrolled: the routing-weight gradient adds up to f/BLOCK_N planes
-            values = tl.load(expert_rows_ptr + s * stride_split + row.to(tl.int64)[:, None] * D + cols[None, :],
+            plane = tl.cast(s, tl.int64) * stride_split  # n * D passes 2^31 for large batches
+            values = tl.load(expert_rows_ptr + plane + row.to(tl.int64)[:, None] * D + cols[None, :],
                              mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += values.to(tl.float32)
     tl.store(y_ptr + tokens[:, None] * D + cols[None, :], acc.to(y_ptr.dtype.element_ty),

@@ -38,10 +38,12 @@ def _round_to_tf32(x):
 
     Tensor cores given float32 operands at tf32 precision drop the low 13 mantissa bits (truncation),
     which biases every product; rounding first brings the error down to what XLA's tf32 dots show.
+    NaN passes through unchanged: adding to the bits of 0x7FFFFFFF (the NaN GPUs produce) would wrap
+    around to -0.0 and hide it.
     """
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x1000) & 0xFFFFE000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit

@@ -6,7 +6,7 @@ ties by the lowest id, mask it out"; selected weights collect in a [BLOCK_T, BLO
 renormalisation and the stores happen once.
 
     probs[t]  = softmax(logits[t]) or sigmoid(logits[t])
-    ids[t]    = top_k(probs[t] + bias), lower id first on ties
+    ids[t]    = top_k(probs[t] + bias), lower id first on ties, NaN above every number
     weights[t] = probs[t, ids[t]] / (sum of them, if RENORMALIZE)
 """
 
@@ -63,8 +63,13 @@ def topk_routing_kernel(
     picked_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     picked_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        best = tl.max(scores, axis=1)
-        best_id = tl.min(tl.where(scores == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        # NaN ranks above every number, as in jax.lax.top_k, so a token with a NaN score still picks
+        # experts (its NaN weights then reach its output) instead of matching none and being dropped.
+        is_nan = scores != scores
+        row_has_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
+        best = tl.max(tl.where(is_nan, -float("inf"), scores), axis=1)
+        hit = tl.where(row_has_nan[:, None], is_nan, scores == best[:, None])
+        best_id = tl.min(tl.where(hit, experts[None, :], BLOCK_E), axis=1)
         chosen = experts[None, :] == best_id[:, None]
         weight = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
         picked_ids = tl.where(slots[None, :] == slot, best_id[:, None], picked_ids)

@@ -264,3 +264,58 @@ def test_float32_follows_default_matmul_precision(impl):
         assert rel_err(run(impl, p), exact) <= 1e-5
     with jax.default_matmul_precision("default"):
         assert rel_err(run(impl, p), exact) <= 2e-3
+
+
+def _nonfinite_rows(a, axis=-1):
+    a = np.asarray(jnp.asarray(a, jnp.float32))
+    return ~np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+
+
+GPU_NAN = np.array(0x7FFFFFFF, np.uint32).view(np.float32)  # the NaN bit pattern NVIDIA GPUs produce
+
+NONFINITE_CASES = {
+    "nan_in_x": lambda p: p.x.at[3, 5].set(GPU_NAN),
+    "inf_in_x": lambda p: p.x.at[4, 0].set(jnp.inf),
+    "nan_in_routing_weight": lambda p: p.weights.at[2, 1].set(jnp.nan),
+    "inf_in_w_gate": lambda p: p.w_gate.at[1, 3, 5].set(jnp.inf),
+    "nan_in_w_up": lambda p: p.w_up.at[2, 0, 7].set(jnp.nan),
+    "inf_in_w_down": lambda p: p.w_down.at[0, 6, 2].set(-jnp.inf),
+}
+_FIELD = {"nan_in_x": "x", "inf_in_x": "x", "nan_in_routing_weight": "weights", "inf_in_w_gate": "w_gate",
+          "nan_in_w_up": "w_up", "inf_in_w_down": "w_down"}
+
+
+@pytest.mark.default_precision
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case, precision", [(case, "highest") for case in NONFINITE_CASES]
+                         + [("nan_in_x", "default"), ("nan_in_w_up", "default")])
+def test_nonfinite_inputs_reach_exactly_the_rows_they_touch(impl, precision, case):
+    """NaN and Inf propagate as the math says, forward and backward: the non-finite rows of y, of every
+    gradient's rows, and of every expert's weight gradient are those of the reference, and every finite
+    value still matches it. (At the default precision float32 may run on rounded tf32 operands.)"""
+    p = Problem(40, 11, 16, 24, 4, 2)
+    setattr(p, _FIELD[case], NONFINITE_CASES[case](p))
+    tol = 1e-5 if precision == "highest" else 2e-3
+    with jax.default_matmul_precision(precision):
+        y, y_ref = run(impl, p), reference_of(p)
+        got, want = grads(impl, p), grads("reference", p)
+    assert _nonfinite_rows(y_ref).any()
+    for name, a, b in [("y", y, y_ref), *zip(GRAD_NAMES, got, want)]:
+        np.testing.assert_array_equal(_nonfinite_rows(a), _nonfinite_rows(b), err_msg=name)
+        finite = ~_nonfinite_rows(b)
+        if finite.any():
+            assert rel_err(np.asarray(a)[finite], np.asarray(b)[finite]) <= tol, name
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nan_in_x_through_moe_stays_in_its_token(impl):
+    """A NaN in one token's x makes its router logits NaN; it must reach that token's output, not vanish."""
+    p = Problem(41, 12, 16, 24, 4, 2)
+    router = jax.random.normal(jax.random.key(8), (p.d, p.E))
+    x = p.x.at[5, 2].set(jnp.nan)
+    with jax.default_matmul_precision("highest"):
+        y, _ = jax.jit(lambda x: jaxmoe.moe(x, router, p.w_gate, p.w_up, p.w_down, top_k=2,
+                                            implementation=impl))(x)
+        y_ref, _ = jaxmoe.reference.moe(x, router, p.w_gate, p.w_up, p.w_down, top_k=2)
+    np.testing.assert_array_equal(_nonfinite_rows(y), _nonfinite_rows(y_ref))
+    assert _nonfinite_rows(y)[5] and _nonfinite_rows(y).sum() == 1
