@@ -1,73 +1,113 @@
 """Argument checks shared by every implementation.
 
 Shapes are static under jit, so every check here runs at trace time and costs nothing on the device.
-Each message names the argument and what was expected, so a user never has to guess.
+Each message names every argument involved and, for a disagreement, the dimension that disagrees and
+the shapes it was read from, so a user never has to guess which argument is the wrong one.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_SUPPORTED_NAMES = "float32, bfloat16 or float16"
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+FLOAT_DTYPE_NAMES = "float32, bfloat16 or float16"
+
+# The layouts the public functions take; "..." stands for any number of leading dims.
+X_TOKENS = ("T", "d")
+X_ANY = ("...", "d")
+PER_TOKEN = ("T", "k")
+ROUTER_WEIGHT = ("d", "E")
+LOGITS = ("T", "E")
+BIAS = ("E",)
+W_IN = ("E", "d", "f")
+W_OUT = ("E", "f", "d")
 
 
-def _shape(a, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(jnp.shape(a))
-    except Exception as err:  # not an array at all
-        raise TypeError(f"{name} must be an array, got {type(a).__name__}") from err
+def array_shape(a, name: str) -> tuple[int, ...]:
+    """a's shape, or a TypeError naming the argument when a is not an array.
+
+    Lists are rejected rather than converted, as most jax.numpy functions do: converting one element by
+    element is slow, and a failure inside the conversion prints the whole list instead of its name.
+    """
+    if not isinstance(a, (jax.Array, np.ndarray, np.generic)):
+        raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got {type(a).__name__}; "
+                        f"convert it with jnp.asarray")
+    return tuple(a.shape)
+
+
+def _layout(axes: Sequence[str]) -> str:
+    return "[" + ", ".join(axes) + "]"
+
+
+def _described(args: Sequence[tuple[str, Sequence[str], tuple[int, ...]]]) -> str:
+    """'x [T, d] = (6, 33), w_gate [E, d, f] = (4, 32, 48)': what each argument's shape means."""
+    return ", ".join(f"{name} {_layout(axes)} = {shape}" for name, axes, shape in args)
+
+
+def _grouped(pairs: Sequence[tuple[str, object]], what: str) -> str:
+    """[(name, value)] -> 'x has d=33 but w_gate, w_up have d=32', groups in order of first appearance."""
+    groups: dict[object, list[str]] = {}
+    for name, value in pairs:
+        groups.setdefault(value, []).append(name)
+    parts = [f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} {what}{value}"
+             for value, names in groups.items()]
+    return parts[0] + " but " + " and ".join(parts[1:])
+
+
+def check_shapes(*args: tuple[str, Sequence[str], object]) -> dict[str, int]:
+    """Checks arguments given as (name, layout, array) against each other; returns {dim: size}.
+
+    Each array must have its layout's rank, and every dim letter must have one size across all the
+    arguments that carry it. An argument that is None (an optional one left out) is skipped.
+    """
+    shapes = [(name, axes, array_shape(a, name)) for name, axes, a in args if a is not None]
+    sizes: dict[str, list[tuple[str, int]]] = {}
+    carriers: dict[str, list[tuple[str, Sequence[str], tuple[int, ...]]]] = {}
+    for name, axes, shape in shapes:
+        leading = axes[0] == "..."
+        named = axes[1:] if leading else axes
+        if len(shape) < len(named) or (not leading and len(shape) > len(named)):
+            raise ValueError(f"{name} must be {_layout(axes)}, got shape {shape}")
+        for dim, size in zip(named, shape[len(shape) - len(named):]):
+            sizes.setdefault(dim, []).append((name, size))
+            carriers.setdefault(dim, []).append((name, axes, shape))
+    for dim, pairs in sizes.items():
+        if len({size for _, size in pairs}) > 1:
+            raise ValueError(f"{_grouped(pairs, dim + '=')} ({_described(carriers[dim])})")
+    return {dim: pairs[0][1] for dim, pairs in sizes.items()}
 
 
 def check_float(a, name: str) -> jnp.dtype:
     dtype = jnp.result_type(a)
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be {_SUPPORTED_NAMES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be {FLOAT_DTYPE_NAMES}, got {dtype}")
     return dtype
 
 
-def check_expert_weights(w_gate, w_up, w_down, d: int | None = None) -> tuple[int, int, int]:
-    """Returns (E, d, f) after checking the three expert weights agree with each other and with d."""
-    sg, su, sd = _shape(w_gate, "w_gate"), _shape(w_up, "w_up"), _shape(w_down, "w_down")
-    if len(sg) != 3:
-        raise ValueError(f"w_gate must be [E, d, f], got shape {sg}")
-    E, dg, f = sg
-    if d is not None and dg != d:
-        raise ValueError(f"w_gate must be [E, d={d}, f], got shape {sg}")
-    if su != sg:
-        raise ValueError(f"w_up must be [E, d, f] = {sg} like w_gate, got shape {su}")
-    if sd != (E, f, dg):
-        raise ValueError(f"w_down must be [E, f, d] = {(E, f, dg)}, got shape {sd}")
-    if E < 1:
-        raise ValueError(f"w_gate must hold at least one expert, got shape {sg}")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        check_float(w, name)
-    return E, dg, f
+def check_same_float(*args: tuple[str, object]) -> jnp.dtype:
+    """Each (name, array) must be a supported float, and all must share one dtype; returns it."""
+    dtypes = [(name, check_float(a, name)) for name, a in args]
+    if len({dtype for _, dtype in dtypes}) > 1:
+        raise TypeError(f"{_grouped([(name, str(dtype)) for name, dtype in dtypes], 'dtype ')}; "
+                        f"cast them to one dtype")
+    return dtypes[0][1]
 
 
 def check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down) -> tuple[int, int, int, int, int]:
     """Returns (T, d, f, E, k)."""
-    sx = _shape(x, "x")
-    if len(sx) != 2:
-        raise ValueError(f"x must be [T, d], got shape {sx}")
-    T, d = sx
-    x_dtype = check_float(x, "x")
-    E, _, f = check_expert_weights(w_gate, w_up, w_down, d)
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if jnp.result_type(w) != x_dtype:
-            raise TypeError(f"{name} must have x's dtype {x_dtype}, got {jnp.result_type(w)}; cast one of them")
-    si, sw = _shape(ids, "ids"), _shape(weights, "weights")
-    if len(si) != 2 or si[0] != T:
-        raise ValueError(f"ids must be [T={T}, k], got shape {si}")
-    k = si[1]
+    dims = check_shapes(("x", X_TOKENS, x), ("weights", PER_TOKEN, weights), ("ids", PER_TOKEN, ids),
+                        ("w_gate", W_IN, w_gate), ("w_up", W_IN, w_up), ("w_down", W_OUT, w_down))
+    T, d, f, E, k = (dims[dim] for dim in ("T", "d", "f", "E", "k"))
     if not 1 <= k <= E:
-        raise ValueError(f"ids must be [T, k] with 1 <= k <= E={E}, got shape {si}")
+        raise ValueError(f"k must satisfy 1 <= k <= E, but ids, weights have k={k} and w_gate, w_up, w_down "
+                         f"have E={E} (ids [T, k] = {ids.shape}, w_gate [E, d, f] = {w_gate.shape})")
+    check_same_float(("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))
     if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
         raise TypeError(f"ids must be an integer array, got {jnp.result_type(ids)}")
-    if sw != si:
-        raise ValueError(f"weights must be [T, k] = {si} like ids, got shape {sw}")
     if not jnp.issubdtype(jnp.result_type(weights), jnp.floating):
         raise TypeError(f"weights must be a float array, got {jnp.result_type(weights)}")
     check_ids_in_range(ids, E)
@@ -84,34 +124,28 @@ def check_ids_in_range(ids, E: int) -> None:
         return
     values = np.asarray(ids)
     if values.size and (values.min() < 0 or values.max() >= E):
-        raise ValueError(f"ids must lie in [0, E={E}), got values in [{values.min()}, {values.max()}]")
+        raise ValueError(f"ids must lie in [0, E={E}) where E is w_gate's, w_up's and w_down's expert count, "
+                         f"got values in [{values.min()}, {values.max()}]")
 
 
-def check_top_k(top_k, E: int) -> int:
+def check_top_k(top_k, E: int, E_from: str) -> int:
+    """E_from says which arguments E was read from, for the message."""
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
         raise TypeError(f"top_k must be a Python int, got {type(top_k).__name__}")
     if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must satisfy 1 <= top_k <= E={E}, got {top_k}")
+        raise ValueError(f"top_k must satisfy 1 <= top_k <= E, but top_k={top_k} and {E_from}")
     return int(top_k)
 
 
-def check_logits(logits) -> tuple[int, int]:
-    s = _shape(logits, "logits")
-    if len(s) != 2:
-        raise ValueError(f"logits must be [T, E], got shape {s}")
-    if s[1] < 1:
-        raise ValueError(f"logits must have at least one expert column, got shape {s}")
+def check_route_args(logits, top_k, scoring: str, bias) -> int:
+    """Returns top_k as a Python int."""
+    E = check_shapes(("logits", LOGITS, logits), ("bias", BIAS, bias))["E"]
     check_float(logits, "logits")
-    return s
-
-
-def check_bias(bias, E: int) -> None:
-    if bias is None:
-        return
-    s = _shape(bias, "bias")
-    if s != (E,):
-        raise ValueError(f"bias must be [E={E}], got shape {s}")
-    check_float(bias, "bias")
+    if bias is not None:
+        check_float(bias, "bias")
+    top_k = check_top_k(top_k, E, f"logits has E={E} (logits [T, E] = {logits.shape})")
+    check_scoring(scoring)
+    return top_k
 
 
 def check_scoring(scoring: str) -> None:
@@ -121,23 +155,15 @@ def check_scoring(scoring: str) -> None:
 
 def check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias) -> tuple[int, int]:
     """Returns (d, E)."""
-    sx = _shape(x, "x")
-    if len(sx) < 1:
-        raise ValueError(f"x must be [..., d], got a scalar of shape {sx}")
-    d = sx[-1]
-    x_dtype = check_float(x, "x")
-    sr = _shape(router_weight, "router_weight")
-    if len(sr) != 2 or sr[0] != d:
-        raise ValueError(f"router_weight must be [d={d}, E], got shape {sr}")
-    check_float(router_weight, "router_weight")
-    E = sr[1]
-    E_w, _, _ = check_expert_weights(w_gate, w_up, w_down, d)
-    if E_w != E:
-        raise ValueError(f"w_gate must be [E={E}, d, f] to match router_weight's E, got shape {_shape(w_gate, 'w_gate')}")
-    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if jnp.result_type(w) != x_dtype:
-            raise TypeError(f"{name} must have x's dtype {x_dtype}, got {jnp.result_type(w)}; cast one of them")
-    check_top_k(top_k, E)
+    dims = check_shapes(("x", X_ANY, x), ("router_weight", ROUTER_WEIGHT, router_weight),
+                        ("w_gate", W_IN, w_gate), ("w_up", W_IN, w_up), ("w_down", W_OUT, w_down),
+                        ("bias", BIAS, bias))
+    d, E = dims["d"], dims["E"]
+    check_same_float(("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))
+    check_float(router_weight, "router_weight")  # any float: the logits are computed in float32
+    if bias is not None:
+        check_float(bias, "bias")
+    check_top_k(top_k, E, f"router_weight, w_gate, w_up, w_down have E={E} "
+                          f"(router_weight [d, E] = {router_weight.shape})")
     check_scoring(scoring)
-    check_bias(bias, E)
     return d, E

@@ -26,12 +26,17 @@ def _triton_gpu_available() -> bool:
     return True
 
 
+def check_implementation(implementation: str | None) -> None:
+    """Only the name; whether this machine can run it is resolve_implementation's question."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
 def resolve_implementation(implementation: str | None) -> str:
     """None picks "triton" on a GPU with jax-triton, else "xla"."""
+    check_implementation(implementation)
     if implementation is None:
         return "triton" if _triton_gpu_available() else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "triton" and not _triton_gpu_available():
         raise ValueError("implementation='triton' needs a GPU backend and jax-triton; "
                          "use 'interpret' to run the same kernels on CPU, or 'xla'")

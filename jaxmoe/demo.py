@@ -160,10 +160,20 @@ def train_step(model: MoELanguageModel, optimizer: nnx.Optimizer, batch: jax.Arr
 
 
 def progress_bar(step: int, steps: int, loss: float, tokens_per_s: float, width: int = 30) -> None:
+    """One bar redrawn in place on a terminal; elsewhere (a log, a pipe) a plain line every ~10% of steps.
+
+    A carriage return only moves the cursor on a terminal: in a file every redraw would pile onto one line.
+    """
+    interactive = sys.stderr.isatty()
+    if not interactive and step != steps and step % max(steps // 10, 1):
+        return
     filled = round(width * step / steps)
-    line = (f"\rstep {step:>{len(str(steps))}}/{steps} [{'#' * filled}{'.' * (width - filled)}] "
+    line = (f"step {step:>{len(str(steps))}}/{steps} [{'#' * filled}{'.' * (width - filled)}] "
             f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s")
-    print(line, end="\n" if step == steps else "", file=sys.stderr, flush=True)
+    if interactive:
+        print("\r" + line, end="\n" if step == steps else "", file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def expert_load_histogram(counts: np.ndarray, width: int = 40) -> str:

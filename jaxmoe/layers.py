@@ -7,10 +7,12 @@ from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxmoe.api import moe
+from jaxmoe import _validate
+from jaxmoe.api import check_implementation, moe
 from jaxmoe.reference import MoEAux
 
 Initializer = Callable[..., jax.Array]
@@ -62,6 +64,35 @@ def param_specs(d_model: int, d_ff: int, num_experts: int, num_shared_experts: i
     return specs
 
 
+def _dtype_name(value) -> str | None:
+    """The dtype's name, or None when value names no dtype at all."""
+    try:
+        return jnp.dtype(value).name
+    except TypeError:
+        return None
+
+
+def check_layer_options(*, d_model, d_ff, num_experts, top_k, scoring, num_shared_experts, dtype, param_dtype,
+                        implementation) -> None:
+    """Both MoELayers run this as they are constructed, so a bad option fails there and is named as the
+    constructor argument, instead of surfacing at the first call as a complaint about x or E."""
+    for name, value, least in (("d_model", d_model, 1), ("d_ff", d_ff, 1), ("num_experts", num_experts, 1),
+                               ("top_k", top_k, 1), ("num_shared_experts", num_shared_experts, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k must satisfy top_k <= num_experts, but top_k={top_k} and num_experts={num_experts}")
+    _validate.check_scoring(scoring)
+    dtype_name, param_dtype_name = _dtype_name(dtype), _dtype_name(param_dtype)
+    if dtype is not None and dtype_name not in {dt.name for dt in _validate.FLOAT_DTYPES}:
+        raise ValueError(f"dtype must be None or {_validate.FLOAT_DTYPE_NAMES}, got {dtype_name or repr(dtype)}")
+    if param_dtype_name is None or not jnp.issubdtype(param_dtype, jnp.floating):
+        raise ValueError(f"param_dtype must be a float dtype, got {param_dtype_name or repr(param_dtype)}")
+    check_implementation(implementation)
+
+
 def _swiglu(x, w_gate, w_up, w_down):
     """The shared experts' dense SwiGLU, rounded where the routed experts round: after the activation."""
     gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32)
@@ -76,6 +107,14 @@ def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int
 
     `params` holds the arrays named by `param_specs`; dtype None computes in x's dtype.
     """
+    # The parameters follow param_specs and so agree with each other; what is left to disagree is x's d
+    # with d_model, which the router's first dim holds.
+    d_model = params["router"].shape[0]
+    shape = _validate.array_shape(x, "x")
+    if not shape:
+        raise ValueError(f"x must be [..., d] with d = the MoELayer's d_model={d_model}, got shape {shape}")
+    if shape[-1] != d_model:
+        raise ValueError(f"x has d={shape[-1]} but the MoELayer has d_model={d_model} (x [..., d] = {shape})")
     dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
     x = x.astype(dtype)
     experts = [params[name].astype(dtype) for name in ("w_gate", "w_up", "w_down")]
@@ -155,6 +194,9 @@ class MoELayer(nnx.Module):
                  renormalize: bool = True, num_shared_experts: int = 0, dtype=None,
                  param_dtype=jnp.float32, implementation: str | None = None,
                  kernel_init: Initializer | None = None, rngs: nnx.Rngs):
+        check_layer_options(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k, scoring=scoring,
+                            num_shared_experts=num_shared_experts, dtype=dtype, param_dtype=param_dtype,
+                            implementation=implementation)
         self.top_k = top_k
         self.scoring = scoring
         self.renormalize = renormalize

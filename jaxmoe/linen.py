@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxmoe.layers import Initializer, moe_layer_apply, param_specs
+from jaxmoe.layers import Initializer, check_layer_options, moe_layer_apply, param_specs
 
 
 class MoELayer(nn.Module):
@@ -41,6 +41,14 @@ class MoELayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     implementation: str | None = None
     kernel_init: Initializer | None = None
+
+    def __post_init__(self):
+        # Here rather than in setup(), which flax runs lazily at init or apply: a bad option then fails
+        # where the layer is constructed.
+        check_layer_options(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
+                            scoring=self.scoring, num_shared_experts=self.num_shared_experts, dtype=self.dtype,
+                            param_dtype=self.param_dtype, implementation=self.implementation)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -47,10 +47,7 @@ def route(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = T
 
     Ties go to the lower expert id.
     """
-    T, E = _validate.check_logits(logits)
-    top_k = _validate.check_top_k(top_k, E)
-    _validate.check_scoring(scoring)
-    _validate.check_bias(bias, E)
+    top_k = _validate.check_route_args(logits, top_k, scoring, bias)
     probs = expert_probs(logits, scoring)
     selection_scores = probs if bias is None else probs + bias.astype(jnp.float32)
     _, ids = jax.lax.top_k(selection_scores, top_k)  # lax.top_k keeps the lower index first on ties

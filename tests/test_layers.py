@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import re
 
 import flax.linen as nn
 import jax
@@ -219,3 +220,60 @@ def test_batch_and_sequence_dimensions_are_tokens():
     assert y.shape == x.shape
     y_flat, _ = run(layer, x.reshape(-1, D))
     np.testing.assert_allclose(y_flat.reshape(x.shape), y, rtol=1e-6)
+
+
+# Both layers check their options as they are constructed, naming the constructor argument.
+BAD_OPTIONS = [
+    (dict(num_experts=2, top_k=3), ValueError,
+     "top_k must satisfy top_k <= num_experts, but top_k=3 and num_experts=2"),
+    (dict(num_experts=0, top_k=1), ValueError, "num_experts must be at least 1, got 0"),
+    (dict(top_k=0), ValueError, "top_k must be at least 1, got 0"),
+    (dict(top_k=2.0), TypeError, "top_k must be an int, got float"),
+    (dict(d_model=0), ValueError, "d_model must be at least 1, got 0"),
+    (dict(d_ff=-4), ValueError, "d_ff must be at least 1, got -4"),
+    (dict(num_shared_experts=-1), ValueError, "num_shared_experts must be at least 0, got -1"),
+    (dict(scoring="relu"), ValueError, "scoring must be 'softmax' or 'sigmoid', got 'relu'"),
+    (dict(implementation="bogus"), ValueError, "implementation must be None or one of ('xla', 'triton', 'interpret'), "
+                                               "got 'bogus'"),
+    (dict(dtype=jnp.int32), ValueError, "dtype must be None or float32, bfloat16 or float16, got int32"),
+    (dict(dtype="bogus"), ValueError, "dtype must be None or float32, bfloat16 or float16, got 'bogus'"),
+    (dict(param_dtype=jnp.int8), ValueError, "param_dtype must be a float dtype, got int8"),
+]
+
+
+def _options(**overrides):
+    return dict(d_model=D, d_ff=F, num_experts=E, top_k=K) | OPTIONS | overrides
+
+
+@pytest.mark.parametrize("overrides, error, needle", BAD_OPTIONS)
+def test_nnx_construction_rejects_bad_options(overrides, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
+        jaxmoe.MoELayer(**_options(**overrides), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("overrides, error, needle", BAD_OPTIONS)
+def test_linen_construction_rejects_bad_options(overrides, error, needle):
+    # linen checks in __post_init__, so constructing the module fails before any init or apply
+    with pytest.raises(error, match=re.escape(needle)):
+        jaxmoe.linen.MoELayer(**_options(**overrides))
+
+
+@pytest.mark.parametrize("x, error, needle", [
+    (jnp.ones((2, 5, D + 1)), ValueError,
+     f"x has d={D + 1} but the MoELayer has d_model={D} (x [..., d] = (2, 5, {D + 1}))"),
+    (jnp.ones(()), ValueError, f"x must be [..., d] with d = the MoELayer's d_model={D}, got shape ()"),
+    ([[1.0] * D] * 3, TypeError, "x must be a jax.Array or numpy.ndarray, got list"),
+])
+def test_layers_name_x_and_d_model_when_x_does_not_fit(x, error, needle):
+    with pytest.raises(error, match=re.escape(needle)):
+        make_nnx()(x)
+    twin = jaxmoe.linen.MoELayer(D, F, E, K, **OPTIONS)
+    variables = twin.init(jax.random.key(0), tokens())
+    with pytest.raises(error, match=re.escape(needle)):
+        twin.apply(variables, x)
+
+
+def test_layers_take_numpy_input():
+    x = np.asarray(tokens())
+    layer = make_nnx()
+    np.testing.assert_array_equal(layer(x), layer(jnp.asarray(x)))

@@ -20,6 +20,8 @@ def test_wheel_contents(tmp_path):
     for kernel in ("routing", "dispatch", "grouped_gemm", "combine"):
         assert f"jaxmoe/kernels/{kernel}.py" in names
     assert "jaxmoe/tuned_configs.json" in names
+    (license,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert "Apache License" in zipfile.ZipFile(wheel).read(license).decode()
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 

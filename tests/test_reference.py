@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe import reference
+from jaxmoe import ops, reference
 from conftest import Problem, assert_close, dense_expert_ffn, rel_err
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -166,36 +167,61 @@ def _ffn_args(**overrides):
     return args
 
 
+# Each message names every argument involved; a disagreement also names the dimension and the shapes.
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
 @pytest.mark.parametrize("overrides, error, needle", [
-    (dict(x=jnp.ones((2, 3, 16))), ValueError, "x must be [T, d]"),
-    (dict(w_gate=jnp.ones((4, 17, 24))), ValueError, "w_gate must be [E, d=16, f]"),
-    (dict(w_up=jnp.ones((4, 16, 25))), ValueError, "w_up must be [E, d, f]"),
-    (dict(w_down=jnp.ones((3, 24, 16))), ValueError, "w_down must be [E, f, d]"),
-    (dict(ids=jnp.zeros((6, 5), jnp.int32), weights=jnp.ones((6, 5))), ValueError, "1 <= k <= E=4"),
+    (dict(x=jnp.ones((2, 3, 16))), ValueError, "x must be [T, d], got shape (2, 3, 16)"),
+    (dict(x=jnp.ones((6, 33))), ValueError,
+     "x has d=33 but w_gate, w_up, w_down have d=16 (x [T, d] = (6, 33), w_gate [E, d, f] = (4, 16, 24), "
+     "w_up [E, d, f] = (4, 16, 24), w_down [E, f, d] = (4, 24, 16))"),
+    (dict(w_gate=jnp.ones((4, 17, 24))), ValueError, "x, w_up, w_down have d=16 but w_gate has d=17"),
+    (dict(w_up=jnp.ones((4, 16, 25))), ValueError, "w_gate, w_down have f=24 but w_up has f=25"),
+    (dict(w_down=jnp.ones((3, 24, 16))), ValueError, "w_gate, w_up have E=4 but w_down has E=3"),
+    (dict(ids=jnp.zeros((5, 2), jnp.int32)), ValueError, "x, weights have T=6 but ids has T=5"),
+    (dict(weights=jnp.ones((6, 3))), ValueError, "weights has k=3 but ids has k=2"),
+    (dict(ids=jnp.zeros((6, 5), jnp.int32), weights=jnp.ones((6, 5))), ValueError,
+     "k must satisfy 1 <= k <= E, but ids, weights have k=5 and w_gate, w_up, w_down have E=4"),
     (dict(ids=jnp.zeros((6, 2), jnp.float32)), TypeError, "ids must be an integer array"),
-    (dict(ids=jnp.full((6, 2), 4, jnp.int32)), ValueError, "ids must lie in [0, E=4)"),
-    (dict(weights=jnp.ones((6, 3))), ValueError, "weights must be [T, k]"),
+    (dict(ids=jnp.full((6, 2), 4, jnp.int32)), ValueError, "ids must lie in [0, E=4) where E is w_gate's"),
     (dict(x=jnp.ones((6, 16), jnp.int32)), TypeError, "x must be float32, bfloat16 or float16"),
     (dict(x=jnp.ones((6, 16), jnp.float64) if jax.config.jax_enable_x64 else jnp.ones((6, 16), jnp.int8)),
      TypeError, "x must be float32, bfloat16 or float16"),
-    (dict(w_up=jnp.ones((4, 16, 24), jnp.bfloat16)), TypeError, "w_up must have x's dtype float32"),
+    (dict(w_up=jnp.ones((4, 16, 24), jnp.bfloat16)), TypeError,
+     "x, w_gate, w_down have dtype float32 but w_up has dtype bfloat16"),
+    (dict(x=[[1.0] * 16] * 6), TypeError, "x must be a jax.Array or numpy.ndarray, got list"),
+    (dict(ids=[[0, 1]] * 6), TypeError, "ids must be a jax.Array or numpy.ndarray, got list"),
 ])
 def test_expert_ffn_bad_input(impl, overrides, error, needle):
     with pytest.raises(error, match=_escape(needle)):
         jaxmoe.expert_ffn(**_ffn_args(**overrides), implementation=impl)
 
 
+def test_expert_ffn_takes_numpy_arrays():
+    args = _ffn_args()
+    y = jaxmoe.expert_ffn(**{name: np.asarray(a) for name, a in args.items()}, implementation="xla")
+    np.testing.assert_array_equal(y, jaxmoe.expert_ffn(**args, implementation="xla"))
+
+
 @pytest.mark.parametrize("kwargs, error, needle", [
-    (dict(top_k=0), ValueError, "top_k must satisfy 1 <= top_k <= E=4"),
-    (dict(top_k=5), ValueError, "top_k must satisfy 1 <= top_k <= E=4"),
+    (dict(top_k=0), ValueError, "top_k must satisfy 1 <= top_k <= E, but top_k=0 and router_weight, w_gate, "
+                                "w_up, w_down have E=4 (router_weight [d, E] = (16, 4))"),
+    (dict(top_k=5), ValueError, "top_k=5 and router_weight, w_gate, w_up, w_down have E=4"),
     (dict(top_k=2.0), TypeError, "top_k must be a Python int"),
-    (dict(top_k=2, router_weight=jnp.ones((15, 4))), ValueError, "router_weight must be [d=16, E]"),
-    (dict(top_k=2, router_weight=jnp.ones((16, 5))), ValueError, "w_gate must be [E=5, d, f]"),
-    (dict(top_k=2, x=jnp.ones((2, 3, 15))), ValueError, "router_weight must be [d=15, E]"),
+    (dict(top_k=2, router_weight=jnp.ones((15, 4))), ValueError,
+     "x, w_gate, w_up, w_down have d=16 but router_weight has d=15"),
+    (dict(top_k=2, router_weight=jnp.ones((16, 5))), ValueError,
+     "router_weight has E=5 but w_gate, w_up, w_down have E=4"),
+    (dict(top_k=2, x=jnp.ones((2, 3, 15))), ValueError,
+     "x has d=15 but router_weight, w_gate, w_up, w_down have d=16 (x [..., d] = (2, 3, 15), "
+     "router_weight [d, E] = (16, 4), w_gate [E, d, f] = (4, 16, 24)"),
+    (dict(top_k=2, x=jnp.ones(())), ValueError, "x must be [..., d], got shape ()"),
     (dict(top_k=2, scoring="relu"), ValueError, "scoring must be 'softmax' or 'sigmoid'"),
-    (dict(top_k=2, bias=jnp.ones(3)), ValueError, "bias must be [E=4]"),
+    (dict(top_k=2, bias=jnp.ones(3)), ValueError, "router_weight, w_gate, w_up, w_down have E=4 but bias has E=3"),
     (dict(top_k=2, x=jnp.ones((2, 16), jnp.int32)), TypeError, "x must be float32, bfloat16 or float16"),
+    (dict(top_k=2, w_gate=jnp.ones((4, 16, 24), jnp.float16)), TypeError,
+     "x, w_up, w_down have dtype float32 but w_gate has dtype float16"),
+    (dict(top_k=2, router_weight=jnp.ones((16, 4), jnp.int32)), TypeError, "router_weight must be float32"),
+    (dict(top_k=2, x=[[1.0] * 16] * 2), TypeError, "x must be a jax.Array or numpy.ndarray, got list"),
     (dict(top_k=2, implementation="cuda"), ValueError, "implementation must be None or one of"),
 ])
 def test_moe_bad_input(kwargs, error, needle):
@@ -204,6 +230,21 @@ def test_moe_bad_input(kwargs, error, needle):
     args.update(kwargs)
     with pytest.raises(error, match=_escape(needle)):
         jaxmoe.moe(**args)
+
+
+@pytest.mark.parametrize("route", [jaxmoe.route, functools.partial(ops.route, mode="interpret")],
+                         ids=["reference", "interpret"])
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(bias=jnp.ones(3)), ValueError, "logits has E=4 but bias has E=3 (logits [T, E] = (6, 4), bias [E] = (3,))"),
+    (dict(top_k=5), ValueError, "top_k must satisfy 1 <= top_k <= E, but top_k=5 and logits has E=4"),
+    (dict(logits=jnp.ones((2, 3, 4))), ValueError, "logits must be [T, E], got shape (2, 3, 4)"),
+    (dict(logits=[[0.0] * 4] * 6), TypeError, "logits must be a jax.Array or numpy.ndarray, got list"),
+    (dict(bias=jnp.ones(4, jnp.int32)), TypeError, "bias must be float32, bfloat16 or float16"),
+])
+def test_route_bad_input(route, kwargs, error, needle):
+    args = dict(logits=jnp.ones((6, 4)), top_k=2) | kwargs
+    with pytest.raises(error, match=_escape(needle)):
+        route(**args)
 
 
 def test_unknown_implementation_lists_valid_names():

@@ -24,10 +24,7 @@ class _RouteOptions:
 
 def route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None, mode="triton") -> Routing:
     """`jaxmoe.route` with the forward in one Triton kernel; the VJP is the jax.lax one."""
-    _, E = _validate.check_logits(logits)
-    top_k = _validate.check_top_k(top_k, E)
-    _validate.check_scoring(scoring)
-    _validate.check_bias(bias, E)
+    top_k = _validate.check_route_args(logits, top_k, scoring, bias)
     options = _RouteOptions(top_k, scoring, bool(renormalize), mode)
     logits = logits.astype(_F32)
     bias = None if bias is None else bias.astype(_F32)
