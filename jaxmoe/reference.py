@@ -65,6 +65,7 @@ def masked_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_elemen
     both the group's input rows and its output rows keeps a non-finite value to the rows it touches,
     forward and backward. The cost is one dense dot per group: acceptable on CPU, where this is used.
     """
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
     starts = jnp.cumsum(group_sizes) - group_sizes
     rows = jnp.arange(lhs.shape[0])
     out_dtype = preferred_element_type or lhs.dtype
