@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import pathlib
+from typing import NamedTuple
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
 
@@ -92,15 +93,36 @@ def device_key(device_kind: str) -> str:
     return "-".join(kind.split())
 
 
+class TableKey(NamedTuple):
+    """What a table entry is looked up by; written in the JSON as "<device>/<dtype>/E<E>/d<d>/f<f>/m<bucket>"."""
+
+    device: str
+    dtype: str
+    E: int
+    d: int
+    f: int
+    bucket: int
+
+    def __str__(self) -> str:
+        return f"{self.device}/{self.dtype}/E{self.E}/d{self.d}/f{self.f}/m{self.bucket}"
+
+    @classmethod
+    def parse(cls, text: str) -> "TableKey":
+        device, dtype, E, d, f, bucket = text.split("/")
+        return cls(device, dtype, int(E[1:]), int(d[1:]), int(f[1:]), int(bucket[1:]))
+
+
 def table_key(device: str, dtype: str, E: int, d: int, f: int, bucket: int) -> str:
-    return f"{device}/{dtype}/E{E}/d{d}/f{f}/m{bucket}"
+    """The JSON key of an entry (see TableKey)."""
+    return str(TableKey(device, dtype, E, d, f, bucket))
 
 
 @functools.cache
-def _table() -> dict[str, MoEConfig]:
+def _table() -> dict[TableKey, MoEConfig]:
     if not TABLE_PATH.exists():
         return {}
-    return {key: MoEConfig.from_json(value) for key, value in json.loads(TABLE_PATH.read_text()).items()}
+    entries = json.loads(TABLE_PATH.read_text())
+    return {TableKey.parse(key): MoEConfig.from_json(value) for key, value in entries.items()}
 
 
 def heuristic(bucket: int, dtype: str, d: int, f: int) -> MoEConfig:
@@ -141,7 +163,7 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
     device = device_key(device_kind)
     # float16 tiles behave as bfloat16 ones (same bytes, same tensor-core rate): share their entries.
     for table_dtype in (dtype, "bfloat16") if dtype == "float16" else (dtype,):
-        tuned = _table().get(table_key(device, table_dtype, E, d, f, bucket))
+        tuned = _table().get(TableKey(device, table_dtype, E, d, f, bucket))
         if tuned is not None:
             return tuned.with_backward(dtype)
     return heuristic(bucket, dtype, d, f).with_backward(dtype)
@@ -149,7 +171,7 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
 
 def shipped_configs() -> list[tuple[str, MoEConfig]]:
     """Every distinct (dtype, config) this package can pick: the table's and the heuristic's."""
-    pairs = {(key.split("/")[1], cfg.with_backward(key.split("/")[1])) for key, cfg in _table().items()}
+    pairs = {(key.dtype, cfg.with_backward(key.dtype)) for key, cfg in _table().items()}
     pairs |= {("float16", cfg) for dtype, cfg in list(pairs) if dtype == "bfloat16"}  # see select()
     for bucket in (1, 64, 4096):  # one per heuristic branch
         for dtype in ("bfloat16", "float16", "float32"):

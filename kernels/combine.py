@@ -16,11 +16,11 @@ import triton.language as tl
 @triton.jit
 def combine_kernel(
     expert_rows_ptr,  # [n_assignments, D] sorted order, weighted
-    assignment_rows_ptr,  # [T * top_k] int32, -1 for dropped assignments
+    assignment_rows_ptr,  # [T * TOP_K] int32, -1 for dropped assignments
     T,
     y_ptr,  # [T, D]
     D: tl.constexpr,  # constexpr so the compiler sees rows are 16-byte aligned and vectorises
-    top_k: tl.constexpr,
+    TOP_K: tl.constexpr,
     SPLITS: tl.constexpr,
     stride_split: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -31,8 +31,8 @@ def combine_kernel(
     token_ok = tokens < T
     col_ok = cols < D
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for j in tl.static_range(top_k):
-        row = tl.load(assignment_rows_ptr + tokens * top_k + j, mask=token_ok, other=-1)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(assignment_rows_ptr + tokens * TOP_K + j, mask=token_ok, other=-1)
         row_ok = token_ok & (row >= 0)
         for s in range(SPLITS):  # a loop, not unrolled: the routing-weight gradient adds up to f/BLOCK_N planes
             plane = tl.cast(s, tl.int64) * stride_split  # n * D passes 2^31 for large batches

@@ -6,7 +6,7 @@
         otherwise:  out[s, r, :] = A[src(r), Ks] @ B[e, Ks]  (+ A[src(r), K + Ks] @ B2[e, Ks] if CONCAT_K)
                     (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
                     for each of SPLIT_K slices Ks of the K range (partial sums, added up by the combine)
-    src(r) = sorted_assignments[r] // top_k if GATHER_A (rows of a token-order A, gathered inside the tile
+    src(r) = sorted_assignments[r] // TOP_K if GATHER_A (rows of a token-order A, gathered inside the tile
              load, no permuted copy), else r (A already in sorted order).
 
 B is addressed through its strides, so a transposed weight is just other strides: the backward's
@@ -103,7 +103,7 @@ def grouped_gemm_kernel(
     # emit 16-byte vector loads and asynchronous copies (jax-triton passes int scalars without that hint)
     N: tl.constexpr,
     K: tl.constexpr,
-    top_k: tl.constexpr,
+    TOP_K: tl.constexpr,
     stride_am: tl.constexpr,
     stride_be: tl.constexpr,
     stride_bk: tl.constexpr,
@@ -137,7 +137,7 @@ def grouped_gemm_kernel(
     row_ok = rows < end_row
     assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
     if GATHER_A:
-        a_rows = (assignments // top_k).to(tl.int64)
+        a_rows = (assignments // TOP_K).to(tl.int64)
     else:
         a_rows = rows.to(tl.int64)
 

@@ -48,7 +48,7 @@ def dh_kernel(
     # shapes (constexpr for vectorised loads, as in grouped_gemm_kernel)
     N: tl.constexpr,  # f
     K: tl.constexpr,  # d
-    top_k: tl.constexpr,
+    TOP_K: tl.constexpr,
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -67,7 +67,7 @@ def dh_kernel(
     rows = first_row + tl.arange(0, BLOCK_M)
     row_ok = rows < end_row
     assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
-    tokens = (assignments // top_k).to(tl.int64)
+    tokens = (assignments // TOP_K).to(tl.int64)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
 
@@ -108,7 +108,7 @@ def weight_grad_kernel(
     # shapes and strides (constexpr for vectorised loads)
     M: tl.constexpr,
     N: tl.constexpr,
-    top_k: tl.constexpr,
+    TOP_K: tl.constexpr,
     stride_am: tl.constexpr,
     stride_bm: tl.constexpr,
     # meta-parameters
@@ -147,11 +147,11 @@ def weight_grad_kernel(
         row_ok = rows < end_row
         assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
         if GATHER_A:
-            a_rows = (assignments // top_k).to(tl.int64)
+            a_rows = (assignments // TOP_K).to(tl.int64)
         else:
             a_rows = rows.to(tl.int64)
         if GATHER_B:
-            b_rows = (assignments // top_k).to(tl.int64)
+            b_rows = (assignments // TOP_K).to(tl.int64)
         else:
             b_rows = rows.to(tl.int64)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ms[None, :], mask=row_ok[:, None] & m_ok[None, :],

@@ -65,7 +65,7 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
         disp.block_experts, disp.block_rows, n_blocks,
         grid=(n_blocks * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-        N=N, K=K, top_k=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
+        N=N, K=K, TOP_K=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
         stride_om=width, stride_os=n * N, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
@@ -85,7 +85,7 @@ def dh_gemm(dy, w_down, hgu, row_weights, disp: Dispatch, *, top_k: int, block_m
         disp.block_experts, disp.block_rows, n_blocks, n,
         grid=(n_blocks * n_tiles,), mode=mode, out_shapes=[_out((n, 2 * f), dy.dtype), _out((n_tiles, n), _F32)],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
-        N=f, K=d, top_k=top_k, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+        N=f, K=d, TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
         EVEN_K=d % gemm.block_k == 0, DOT_PRECISION=precision)
     return dgu, dw_parts
 
@@ -106,7 +106,7 @@ def weight_grad(a, b, row_weights, disp: Dispatch, *, E: int, m_out: int, n_out:
         bwd_kernels.weight_grad_kernel, a, b, row_weights, disp.sorted_assignments, disp.expert_offsets,
         grid=(E * per_expert,), mode=mode, out_shapes=[_out((E, M, n_out), out_dtype), second],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        M=M, N=n_out, top_k=top_k, stride_am=a.shape[1], stride_bm=b.shape[1], BLOCK_M=cfg.block_m,
+        M=M, N=n_out, TOP_K=top_k, stride_am=a.shape[1], stride_bm=b.shape[1], BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_B=scale_b,
         TWO_OUTPUTS=two_outputs, DOT_PRECISION=precision)
     return outs if two_outputs else outs[:1]
@@ -121,5 +121,5 @@ def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: s
     block_t = max(1, 4096 // block_d)
     (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T,
                   grid=(_cdiv(T, block_t), _cdiv(D, block_d)), mode=mode, out_shapes=[_out((T, D), out_dtype)],
-                  D=D, top_k=top_k, SPLITS=splits, stride_split=n * D, BLOCK_T=block_t, BLOCK_D=block_d)
+                  D=D, TOP_K=top_k, SPLITS=splits, stride_split=n * D, BLOCK_T=block_t, BLOCK_D=block_d)
     return y
