@@ -2,17 +2,25 @@
 
     python -m benchmarks.tune --stages                 # per-stage ms with the configs jaxmoe picks today
     python -m benchmarks.tune --out $OUT/table.json    # sweep configs per (shape, T), write the table
+    python -m benchmarks.tune --backward --out ...     # sweep the backward GEMMs' configs (dh, dx, dw)
 
 For each (shape, T) the sweep fixes the routing of random bf16 inputs, then for each candidate BLOCK_M
 times the gate+up GEMM and the down GEMM separately over a short list of tile shapes, and keeps the
 BLOCK_M whose best pair (plus its dispatch) is fastest. Entries are keyed by device, dtype, E, d, f
 and the rows-per-expert bucket (see jaxmoe/config.py), so every T of a bucket shares an entry.
 Candidates that do not fit the card (shared memory) are reported and skipped.
+
+--backward keeps the forward config jaxmoe picks today (its BLOCK_M fixes the row blocks the dH and dX
+GEMMs walk) and times, from the forward's saved activations and a random dY, the dH GEMM, the dX GEMM
+and the two weight-gradient launches over their own candidate lists; the fastest of each is merged
+into the entry (fields dh, dx, dw). `--mode interpret --limit 1` runs the same code on a CPU, slowly,
+as a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -25,6 +33,7 @@ import jax.numpy as jnp
 import jaxmoe
 from jaxmoe import config as configs
 from jaxmoe import ops, reference
+from jaxmoe.ops import gemm as gemm_ops
 from benchmarks import shapes as shapes_lib
 from benchmarks.timing import time_fn
 
@@ -58,6 +67,11 @@ def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfi
     return found
 
 
+# weight-gradient candidates: (block_m, block_n, block_k (rows per step), num_warps, num_stages)
+WEIGHT_GRAD = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+               (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+
+
 def log(*args):
     print(*args, flush=True)
 
@@ -65,8 +79,9 @@ def log(*args):
 class Cell:
     """Fixed random inputs and routing for one (shape, T)."""
 
-    def __init__(self, shape: shapes_lib.MoEShape, T: int, seed: int = 0):
-        keys = jax.random.split(jax.random.key(seed), 5)
+    def __init__(self, shape: shapes_lib.MoEShape, T: int, seed: int = 0, mode: str = "triton"):
+        self.mode = mode
+        keys = jax.random.split(jax.random.key(seed), 6)
         E, d, f, k = shape.E, shape.d, shape.f, shape.k
         bf16 = jnp.bfloat16
         self.shape, self.T = shape, T
@@ -79,19 +94,53 @@ class Cell:
         routing = jax.jit(functools.partial(jaxmoe.route, top_k=k))(self.logits)
         self.weights, self.ids = routing.weights, routing.ids
         self.row_weights = routing.weights.reshape(-1)
+        self.dy = jax.random.normal(keys[5], (T, d), bf16)
         jax.block_until_ready(self.ids)
 
     def gate_up(self, disp, block_m, gemm):
         fn = jax.jit(lambda x, wg, wu, w, dp: ops.grouped_gemm(
             x, wg, wu, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=True,
-            gated=True, scale_rows=False, precision="ieee", out_dtype=x.dtype, mode="triton"))
+            gated=True, scale_rows=False, precision="ieee", out_dtype=x.dtype, mode=self.mode))
         return fn, (self.x, self.w_gate, self.w_up, self.row_weights, disp)
 
     def down(self, h, disp, block_m, gemm):
         fn = jax.jit(lambda hh, wd, w, dp: ops.grouped_gemm(
             hh, wd, wd, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=False,
-            gated=False, scale_rows=True, precision="ieee", out_dtype=hh.dtype, mode="triton"))
+            gated=False, scale_rows=True, precision="ieee", out_dtype=hh.dtype, mode=self.mode))
         return fn, (h, self.w_down, self.row_weights, disp)
+
+    # The backward GEMMs, on the activations the forward keeps (hgu = h | gate | up per sorted row).
+
+    def saved_activations(self, disp, block_m, gemm):
+        fn = jax.jit(lambda x, wg, wu, w, dp: ops.grouped_gemm(
+            x, wg, wu, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=True, gated=True,
+            scale_rows=False, store_preact=True, precision="ieee", out_dtype=x.dtype, mode=self.mode))
+        return fn(self.x, self.w_gate, self.w_up, self.row_weights, disp)
+
+    def dh(self, hgu, disp, block_m, gemm):
+        fn = jax.jit(lambda dy, wd, s, w, dp: gemm_ops.dh_gemm(
+            dy, wd, s, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, precision="ieee", mode=self.mode))
+        return fn, (self.dy, self.w_down, hgu, self.row_weights, disp)
+
+    def dx(self, dgu, disp, block_m, gemm):
+        fn = jax.jit(lambda g, wg, wu, w, dp: ops.grouped_gemm(
+            g, wg, wu, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=False, gated=False,
+            scale_rows=False, concat_k=True, transpose_b=True, precision="ieee", out_dtype=jnp.float32,
+            mode=self.mode))
+        return fn, (dgu, self.w_gate, self.w_up, self.row_weights, disp)
+
+    def dw(self, hgu, dgu, disp, cfg):
+        s = self.shape
+        common = dict(E=s.E, top_k=s.k, cfg=cfg, precision="ieee", out_dtype=self.x.dtype, mode=self.mode)
+
+        def both(x, g, hh, dy, w, dp):
+            gate_up = gemm_ops.weight_grad(x, g, w, dp, m_out=s.d, n_out=s.f, gather_a=True, gather_b=False,
+                                           scale_b=False, two_outputs=True, **common)
+            down = gemm_ops.weight_grad(hh, dy, w, dp, m_out=s.f, n_out=s.d, gather_a=False, gather_b=True,
+                                        scale_b=True, two_outputs=False, **common)
+            return gate_up, down
+
+        return jax.jit(both), (self.x, dgu, hgu, self.dy, self.row_weights, disp)
 
 
 def _time(fn, args, min_time_s) -> float:
@@ -137,6 +186,35 @@ def tune_cell(cell: Cell, min_time_s: float):
     return min(results, key=lambda r: r[0]) if results else None
 
 
+def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
+    """(total ms, the forward config jaxmoe picks with the fastest dh, dx and dw configs) for one cell."""
+    s = cell.shape
+    cfg = configs.select(_device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    disp = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, cell.mode))(cell.ids)
+    hgu = cell.saved_activations(disp, cfg.block_m, cfg.gate_up)
+    cut = slice(0, limit)
+    log(f"    BLOCK_M={cfg.block_m} (the forward's); dh:")
+    dh = best_gemm(lambda g: cell.dh(hgu, disp, cfg.block_m, g),
+                   [g for g in gemm_candidates(cfg.block_m, False, s.d) if g.split_k == 1][cut], min_time_s)
+    if dh is None:
+        return None
+    fn, args = cell.dh(hgu, disp, cfg.block_m, dh[1])
+    dgu, _ = fn(*args)
+    log("    dx:")
+    dx = best_gemm(lambda g: cell.dx(dgu, disp, cfg.block_m, g), gemm_candidates(cfg.block_m, False, s.f)[cut],
+                   min_time_s)
+    log("    dw:")
+    dw = best_gemm(lambda c: cell.dw(hgu, dgu, disp, c),
+                   [configs.WeightGradConfig(*c) for c in WEIGHT_GRAD][cut], min_time_s)
+    if dx is None or dw is None:
+        return None
+    return dh[0] + dx[0] + dw[0], dataclasses.replace(cfg, dh=dh[1], dx=dx[1], dw=dw[1])
+
+
+def _device_kind(mode: str) -> str:
+    return jax.devices()[0].device_kind if mode == "triton" else "cpu"
+
+
 def stages(cell: Cell, min_time_s: float) -> dict[str, float]:
     """Per-stage ms with the config jaxmoe picks for this cell."""
     s = cell.shape
@@ -168,12 +246,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(configs.TABLE_PATH), help="table to merge the results into")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds of timing per candidate")
     parser.add_argument("--budget", type=float, default=480, help="stop starting new cells after this many s")
+    parser.add_argument("--backward", action="store_true", help="sweep the backward GEMMs' configs (dh, dx, dw)")
+    parser.add_argument("--mode", default="triton", choices=("triton", "interpret"),
+                        help="interpret: run the sweep in Triton's interpreter on a CPU (a smoke test)")
+    parser.add_argument("--limit", type=int, default=None, help="try at most this many candidates per GEMM")
     args = parser.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        log("benchmarks.tune needs a GPU")
+    if args.mode == "triton" and jax.default_backend() != "gpu":
+        log("benchmarks.tune needs a GPU (or --mode interpret)")
         return 1
-    device = configs.device_key(jax.devices()[0].device_kind)
-    log(f"card: {jax.devices()[0].device_kind} -> '{device}'")
+    device = configs.device_key(_device_kind(args.mode))
+    log(f"card: {_device_kind(args.mode)} -> '{device}'")
     try:
         table = json.load(open(args.out))
     except (FileNotFoundError, json.JSONDecodeError):
@@ -185,7 +267,7 @@ def main(argv=None) -> int:
             if time.perf_counter() - start > args.budget:
                 log(f"budget of {args.budget:.0f} s spent; stopping before {name} T={T}")
                 break
-            cell = Cell(shape, T)
+            cell = Cell(shape, T, mode=args.mode)
             if args.stages:
                 st = stages(cell, args.min_time)
                 parts = "  ".join(f"{k} {v:.4f}" for k, v in st.items() if k != "config")
@@ -194,11 +276,21 @@ def main(argv=None) -> int:
                 continue
             bucket = configs.rows_bucket(T, shape.k, shape.E)
             log(f"{name} T={T} (bucket {bucket}), {time.perf_counter() - start:.0f} s in")
-            best = tune_cell(cell, args.min_time)
-            if best is None:
-                continue
             key = configs.table_key(device, "bfloat16", shape.E, shape.d, shape.f, bucket)
-            table[key] = {**best[1].to_json(), "ms": round(best[0], 4)}
+            old = table.get(key, {})
+            if args.backward:
+                best = tune_backward(cell, args.min_time, args.limit)
+                if best is None:
+                    continue
+                table[key] = {**old, **best[1].to_json(), "bwd_ms": round(best[0], 4)}
+            else:
+                best = tune_cell(cell, args.min_time)
+                if best is None:
+                    continue
+                # Backward fields tuned earlier stay valid while BLOCK_M (the row blocks they walk) is unchanged.
+                same_blocks = old.get("block_m") == best[1].block_m
+                kept = {f: old[f] for f in ("dh", "dx", "dw", "bwd_ms") if f in old and same_blocks}
+                table[key] = {**best[1].to_json(), "ms": round(best[0], 4), **kept}
             log(f"  best {best[0]:.4f} ms: {best[1]}")
             with open(args.out, "w") as fh:  # after every cell, so a cut-off run keeps what it found
                 json.dump(dict(sorted(table.items())), fh, indent=1)

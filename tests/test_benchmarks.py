@@ -149,3 +149,17 @@ def test_reference_ragged_dot_matches_lax_ragged_dot():
         assert g.dtype == w.dtype and g.shape == w.shape
         assert jnp.allclose(g, w, rtol=1e-4, atol=1e-4)
     assert jnp.all(jax.grad(functools.partial(loss, ragged_dot), argnums=1)(lhs, rhs)[1] == 0)  # empty group
+
+
+def test_backward_tuner_runs_in_the_interpreter(tmp_path):
+    """`benchmarks.tune --backward` end to end on CPU (one candidate per GEMM): the entry it writes carries
+    tuned dh, dx and dw configs that jaxmoe.config reads back."""
+    from benchmarks import tune
+    from jaxmoe import config
+
+    out = tmp_path / "table.json"
+    assert tune.main(["--backward", "--shapes", "tiny", "--tokens", "16", "--mode", "interpret", "--limit", "1",
+                      "--min-time", "0.01", "--out", str(out)]) == 0
+    (entry,) = json.loads(out.read_text()).values()
+    cfg = config.MoEConfig.from_json(entry)
+    assert cfg.dh is not None and cfg.dx is not None and cfg.dw is not None and entry["bwd_ms"] > 0
