@@ -48,7 +48,8 @@ def select(args, in_axes):
 
 def per_element(fn, args, in_axes):
     """fn once per batch element, outputs stacked: what vmap must compute."""
-    outs = [fn(*[a[b] if axis == 0 else a for a, axis in zip(args, in_axes)]) for b in range(B)]
+    n = next(a.shape[0] for a, axis in zip(args, in_axes) if axis == 0)
+    outs = [fn(*[a[b] if axis == 0 else a for a, axis in zip(args, in_axes)]) for b in range(n)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
@@ -80,12 +81,11 @@ def test_vmap_forward(impl, in_axes):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_nested_vmap_forward(impl):
-    args = [a.reshape(2, B // 2, *a.shape[1:]) if axis == 0 else a[0]
-            for a, axis in zip(stacked(B), TOKENS)]
+    """vmap of vmap over a [2, 2] batch: both axes fold into the tokens."""
+    flat = select(stacked(4), TOKENS)
+    args = [a.reshape(2, 2, *a.shape[1:]) if axis == 0 else a for a, axis in zip(flat, TOKENS)]
     y = jax.jit(jax.vmap(jax.vmap(ffn(impl), in_axes=TOKENS), in_axes=TOKENS))(*args)
-    flat = [a.reshape(B, *a.shape[2:]) if axis == 0 else a for a, axis in zip(args, TOKENS)]
-    want = per_element(reference.expert_ffn, flat, TOKENS)
-    assert_trees_close(y.reshape(B, T, D), want)
+    assert_trees_close(y.reshape(4, T, D), per_element(reference.expert_ffn, flat, TOKENS))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
