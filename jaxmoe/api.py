@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from jaxmoe import _validate, reference
+from jaxmoe import _batching, _validate, reference
 from jaxmoe.routing import route
 
 IMPLEMENTATIONS = ("xla", "triton", "interpret")
@@ -47,10 +47,24 @@ def _stages(implementation: str | None):
     """(route_fn, expert_ffn_fn) for an implementation, both with the reference signatures."""
     impl = resolve_implementation(implementation)
     if impl == "xla":
-        return route, reference.grouped_expert_ffn
+        return route, _batchable_expert_ffn(impl)
     from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
 
-    return functools.partial(ops.route, mode=impl), functools.partial(ops.expert_ffn, mode=impl)
+    return functools.partial(ops.route, mode=impl), _batchable_expert_ffn(impl)
+
+
+@functools.cache
+def _batchable_expert_ffn(impl: str):
+    """The expert stage of `impl`, with a vmapped batch folded into tokens (see jaxmoe/_batching.py).
+
+    Routing needs no fold: "xla" routing batches natively and the routing kernel launches once per
+    element, and `moe`'s aux losses are computed per element from there.
+    """
+    if impl == "xla":
+        return _batching.batchable(functools.partial(reference.grouped_expert_ffn, ragged_dot=_batching.ragged_dot))
+    from jaxmoe import ops
+
+    return _batching.batchable(functools.partial(ops.expert_ffn, mode=impl))
 
 
 def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | None = None):
@@ -70,6 +84,9 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | N
     Returns:
       y: [T, d] in x's dtype, differentiable with respect to x, weights and the three expert weights.
       "triton" and "interpret" differentiate through Triton backward kernels too.
+
+    Under jax.vmap with the expert weights shared by the batch, the batch is folded into tokens (one
+    call on B*T tokens); otherwise, and under differentiation, it runs once per element.
     """
     _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
     _, expert_ffn_fn = _stages(implementation)

@@ -3,6 +3,13 @@
 Everything upstream (grids, configs, strides, scalars) is computed once in ops.py for both modes;
 only this final step differs. Kernel parameters follow jax-triton's order: inputs (arrays and int
 scalars, positionally), then one pointer per output, then constexprs by keyword.
+
+Under `jax.vmap` a launch runs once per batch element (`jax.lax.map` over the batched arrays, the
+unbatched ones shared): neither jax-triton's triton_call nor a vmap_method-less pure_callback has a
+batching rule, and a launch's outputs depend only on its inputs, so this is right for every kernel
+without knowing what it computes. The launchers' custom VJPs batch by batching their forward and
+backward, which launch through here, so vmap of grad and grad of vmap take the same path. Where a
+batch can be folded into tokens exactly, jaxmoe.api does that first, so most vmaps never get here.
 """
 
 from __future__ import annotations
@@ -32,13 +39,22 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
            num_warps: int = 4, num_stages: int = 2, **constexprs) -> list[jax.Array]:
     """Launches `kernel` over `grid`; returns one array per entry of out_shapes."""
     out_shapes = list(out_shapes)
-    if mode == "triton":
-        jt, out_keyword = _jax_triton()
-        outs = jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                              **{out_keyword: out_shapes}, **constexprs)
-        return list(outs)
-    if mode == "interpret":
-        return _launch_interpreted(kernel, args, grid, out_shapes, constexprs)
+    if mode in ("triton", "interpret"):
+        array_slots = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+        # Only the arrays are arguments: the int scalars and constexprs stay Python values, closed over.
+        @jax.custom_batching.sequential_vmap
+        def run(*arrays):
+            full_args = list(args)
+            for slot, array in zip(array_slots, arrays):
+                full_args[slot] = array
+            if mode == "triton":
+                jt, out_keyword = _jax_triton()
+                return list(jt.triton_call(*full_args, kernel=kernel, grid=grid, num_warps=num_warps,
+                                           num_stages=num_stages, **{out_keyword: out_shapes}, **constexprs))
+            return _launch_interpreted(kernel, full_args, grid, out_shapes, constexprs)
+
+        return list(run(*[args[i] for i in array_slots]))
     if mode == "record":
         _RECORDS.append(LaunchRecord(kernel, tuple(_triton_type(a) for a in (*args, *out_shapes)), grid,
                                      num_warps, num_stages, constexprs))
