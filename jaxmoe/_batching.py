@@ -21,6 +21,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxmoe import reference
+
 
 def batchable(expert_ffn_fn: Callable) -> Callable:
     """expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down) -> the same function, folded under vmap."""
@@ -61,7 +63,7 @@ def batchable(expert_ffn_fn: Callable) -> Callable:
 
 
 def ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
-    """`jax.lax.ragged_dot`, forward and VJP, that also runs under vmap: one call per batch element.
+    """The reference's `ragged_dot`, forward and VJP, that also runs under vmap: one call per batch element.
 
     JAX's own batching rule of ragged_dot needs lhs, rhs and group_sizes all batched ("ragged_dot vmap
     over any dim but 0 - NYI" otherwise), and the expert weights (rhs) usually are not. Outside vmap
@@ -74,8 +76,9 @@ def ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=
 @functools.cache
 def _sequential_ragged_dot(precision, preferred_element_type):
     def dot(lhs, rhs, group_sizes):
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes, precision=precision,
-                                  preferred_element_type=preferred_element_type)
+        # The reference's grouped GEMM: jax.lax.ragged_dot, or on CPU its row-selecting form.
+        return reference.default_ragged_dot(lhs, rhs, group_sizes, precision=precision,
+                                            preferred_element_type=preferred_element_type)
 
     def dot_transposes(lhs, rhs, group_sizes, d_out):
         # ragged_dot is linear in each operand: its VJP is the two transposes, with no forward recomputed.

@@ -254,5 +254,6 @@ def test_vmap_folds_into_tokens_only_when_experts_are_shared(impl):
     args = stacked(B)
     folded = str(jax.make_jaxpr(jax.vmap(ffn(impl), in_axes=TOKENS))(*select(args, TOKENS)))
     looped = str(jax.make_jaxpr(jax.vmap(ffn(impl), in_axes=EXPERTS))(*args))
-    assert "scan[" not in folded and f"f32[{B * T},{D}]" in folded
-    assert "scan[" in looped
+    # (On CPU the reference's grouped GEMM loops over experts itself, so count loops rather than look for one.)
+    assert f"f32[{B * T},{D}]" in folded
+    assert folded.count("scan[") < looped.count("scan[")
