@@ -61,6 +61,18 @@ def program_tile(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def block_rows(expert, block, block_rows_ptr, expert_offsets_ptr, sorted_assignments_ptr, BLOCK_M: tl.constexpr):
+    """(expert as int64, sorted rows of a live row block, which of them are valid, their assignments)."""
+    expert = expert.to(tl.int64)
+    first_row = tl.load(block_rows_ptr + block)
+    end_row = tl.load(expert_offsets_ptr + expert + 1)
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < end_row
+    assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
+    return expert, rows, row_ok, assignments
+
+
+@triton.jit
 def accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr, cols, col_ok, k_first, k_last,
                stride_bk, stride_bn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += A[a_rows, k_first:k_last] @ B[k_first:k_last, cols], B already offset to its expert."""
@@ -127,15 +139,10 @@ def grouped_gemm_kernel(
 ):
     block, tile_n = program_tile(n_blocks, N, BLOCK_N, GROUP_M)
     expert = tl.load(block_experts_ptr + block)
-    if expert < 0:
+    if expert < 0:  # an empty expert's or an unused worst-case block
         return
-    expert = expert.to(tl.int64)
-    first_row = tl.load(block_rows_ptr + block)
-    end_row = tl.load(expert_offsets_ptr + expert + 1)
-
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < end_row
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
+    expert, rows, row_ok, assignments = block_rows(expert, block, block_rows_ptr, expert_offsets_ptr,
+                                                   sorted_assignments_ptr, BLOCK_M)
     if GATHER_A:
         a_rows = (assignments // TOP_K).to(tl.int64)
     else:

@@ -25,7 +25,7 @@ twice, once per half of B's columns ([dgate | dup]), writing the gate and up gra
 import triton
 import triton.language as tl
 
-from .grouped_gemm import _round_to_tf32, accumulate, program_tile
+from .grouped_gemm import _round_to_tf32, accumulate, block_rows, program_tile
 
 
 @triton.jit
@@ -59,14 +59,10 @@ def dh_kernel(
 ):
     block, tile_n = program_tile(n_blocks, N, BLOCK_N, GROUP_M)
     expert = tl.load(block_experts_ptr + block)
-    if expert < 0:
+    if expert < 0:  # an empty expert's or an unused worst-case block
         return
-    expert = expert.to(tl.int64)
-    first_row = tl.load(block_rows_ptr + block)
-    end_row = tl.load(expert_offsets_ptr + expert + 1)
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < end_row
-    assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
+    expert, rows, row_ok, assignments = block_rows(expert, block, block_rows_ptr, expert_offsets_ptr,
+                                                   sorted_assignments_ptr, BLOCK_M)
     tokens = (assignments // TOP_K).to(tl.int64)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
