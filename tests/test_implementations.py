@@ -319,3 +319,25 @@ def test_nan_in_x_through_moe_stays_in_its_token(impl):
         y_ref, _ = jaxmoe.reference.moe(x, router, p.w_gate, p.w_up, p.w_down, top_k=2)
     np.testing.assert_array_equal(_nonfinite_rows(y), _nonfinite_rows(y_ref))
     assert _nonfinite_rows(y)[5] and _nonfinite_rows(y).sum() == 1
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_training_step_edge_cases(impl):
+    """A training step through `moe` where one layer gets no tokens, and one where every token picks
+    the same expert (a large selection bias): finite, and equal to the reference's."""
+    p = Problem(42, 24, 16, 24, 4, 2)
+    router = jax.random.normal(jax.random.key(9), (p.d, p.E)) / np.sqrt(p.d)
+
+    def step(moe_fn, x, bias):
+        def loss(x, rw, wg, wu, wd):
+            y, aux = moe_fn(x, rw, wg, wu, wd, top_k=2, bias=bias)
+            return jnp.sum(jnp.tanh(y)) + aux.load_balancing_loss + aux.router_z_loss
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, router, p.w_gate, p.w_up, p.w_down)
+
+    one_expert = jnp.array([0.0, 0.0, 10.0, 0.0])  # top-2 is then expert 2 and another, for every token
+    for x, bias in ((p.x[:0], None), (p.x, one_expert)):
+        got = step(functools.partial(jaxmoe.moe, implementation=impl), x, bias)
+        want = step(reference.moe, x, bias)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert np.isfinite(np.asarray(a)).all()
+            assert rel_err(a, b) <= 1e-5
