@@ -48,7 +48,11 @@ def _stages(implementation: str | None):
     impl = resolve_implementation(implementation)
     if impl == "xla":
         return route, _batchable_expert_ffn(impl)
-    from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
+    try:
+        from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
+    except ImportError as err:
+        raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton "
+                          f"(pip install 'jaxmoe[gpu]'); implementation='xla' needs neither") from err
 
     return functools.partial(ops.route, mode=impl), _batchable_expert_ffn(impl)
 

@@ -36,3 +36,29 @@ def test_kernels_import_no_jax():
             "print('jax' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"
+
+
+def test_xla_path_runs_without_triton():
+    """With triton and jax-triton unimportable (as on a Mac), jaxmoe imports, "xla" runs forward and
+    backward, the default picks "xla", and asking for a kernel path says which extra to install."""
+    code = """
+import sys
+sys.modules["triton"] = None  # any `import triton` now raises ImportError
+sys.modules["jax_triton"] = None
+import jax, jax.numpy as jnp
+import jaxmoe
+assert jaxmoe.resolve_implementation(None) == "xla"
+k = jax.random.split(jax.random.key(0), 5)
+x = jax.random.normal(k[0], (8, 16))
+args = (jax.random.normal(k[1], (16, 4)), jax.random.normal(k[2], (4, 16, 24)),
+        jax.random.normal(k[3], (4, 16, 24)), jax.random.normal(k[4], (4, 24, 16)))
+g = jax.grad(lambda x: jnp.sum(jaxmoe.moe(x, *args, top_k=2)[0]))(x)
+assert g.shape == x.shape and bool(jnp.isfinite(g).all())
+try:
+    jaxmoe.moe(x, *args, top_k=2, implementation="interpret")
+except ImportError as err:
+    assert "jaxmoe[gpu]" in str(err), err
+else:
+    raise AssertionError("interpret ran without triton")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
