@@ -34,6 +34,7 @@ import jaxmoe
 from jaxmoe import config as configs
 from jaxmoe import ops, reference
 from jaxmoe.ops import gemm as gemm_ops
+from jaxmoe.ops.ffn import device_kind
 from benchmarks import shapes as shapes_lib
 from benchmarks.timing import time_fn
 
@@ -189,7 +190,7 @@ def tune_cell(cell: Cell, min_time_s: float):
 def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
     """(total ms, the forward config jaxmoe picks with the fastest dh, dx and dw configs) for one cell."""
     s = cell.shape
-    cfg = configs.select(_device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    cfg = configs.select(device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
     disp = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, cell.mode))(cell.ids)
     hgu = cell.saved_activations(disp, cfg.block_m, cfg.gate_up)
     cut = slice(0, limit)
@@ -209,10 +210,6 @@ def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
     if dx is None or dw is None:
         return None
     return dh[0] + dx[0] + dw[0], dataclasses.replace(cfg, dh=dh[1], dx=dx[1], dw=dw[1])
-
-
-def _device_kind(mode: str) -> str:
-    return jax.devices()[0].device_kind if mode == "triton" else "cpu"
 
 
 def stages(cell: Cell, min_time_s: float) -> dict[str, float]:
@@ -254,8 +251,8 @@ def main(argv=None) -> int:
     if args.mode == "triton" and jax.default_backend() != "gpu":
         log("benchmarks.tune needs a GPU (or --mode interpret)")
         return 1
-    device = configs.device_key(_device_kind(args.mode))
-    log(f"card: {_device_kind(args.mode)} -> '{device}'")
+    device = configs.device_key(device_kind(args.mode))
+    log(f"card: {device_kind(args.mode)} -> '{device}'")
     try:
         table = json.load(open(args.out))
     except (FileNotFoundError, json.JSONDecodeError):

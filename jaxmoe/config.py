@@ -73,9 +73,8 @@ class MoEConfig:
 
     def with_backward(self, dtype: str) -> "MoEConfig":
         """This config with every backward field filled (from the heuristic where unset)."""
-        default = _backward_defaults(self.block_m, dtype)
-        return dataclasses.replace(self, dh=self.dh or default.dh, dx=self.dx or default.dx,
-                                   dw=self.dw or default.dw)
+        dh, dx, dw = _backward_defaults(self.block_m, dtype)
+        return dataclasses.replace(self, dh=self.dh or dh, dx=self.dx or dx, dw=self.dw or dw)
 
 
 def rows_bucket(n_tokens: int, top_k: int, num_experts: int) -> int:
@@ -146,7 +145,7 @@ def _halve_k(gemm):
     return dataclasses.replace(gemm, block_k=max(32, gemm.block_k // 2), num_stages=min(gemm.num_stages, 3))
 
 
-def _backward_defaults(block_m: int, dtype: str) -> MoEConfig:
+def _backward_defaults(block_m: int, dtype: str) -> tuple[GemmConfig, GemmConfig, WeightGradConfig]:
     """Backward GEMM configs for a forward's block_m: the dH and dX GEMMs tile like the down projection
     (K = d and K = 2f are long), the weight gradients use square 128 tiles over 64-row steps."""
     wide = block_m >= 64
@@ -155,7 +154,7 @@ def _backward_defaults(block_m: int, dtype: str) -> MoEConfig:
     dw = WeightGradConfig(128, 128, 64, 8, 3)
     if dtype == "float32":
         dh, dx, dw = _halve_k(dh), _halve_k(dx), _halve_k(dw)
-    return MoEConfig(block_m, GemmConfig(0, 0), GemmConfig(0, 0), dh, dx, dw)
+    return dh, dx, dw
 
 
 def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int) -> MoEConfig:
@@ -165,8 +164,8 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
     for table_dtype in (dtype, "bfloat16") if dtype == "float16" else (dtype,):
         tuned = _table().get(TableKey(device, table_dtype, E, d, f, bucket))
         if tuned is not None:
-            return tuned.with_backward(dtype)
-    return heuristic(bucket, dtype, d, f).with_backward(dtype)
+            return tuned
+    return heuristic(bucket, dtype, d, f)
 
 
 def shipped_configs() -> list[tuple[str, MoEConfig]]:

@@ -43,13 +43,14 @@ class Residuals(NamedTuple):
     #                 the forward's FLOPs, while the forward writes them for 2f extra elements per row
 
 
-def _device_kind(mode: str) -> str:
+def device_kind(mode: str) -> str:
+    """The card the configs are looked up for: the GPU's kind for "triton", "cpu" for the interpreter."""
     return jax.devices()[0].device_kind if mode == "triton" else "cpu"
 
 
 def _config(options: _FFNOptions, dtype, T: int, k: int, E: int, d: int, f: int) -> configs.MoEConfig:
     name = jnp.dtype(dtype).name
-    cfg = options.config or configs.select(_device_kind(options.mode), name, T, k, E, d, f)
+    cfg = options.config or configs.select(device_kind(options.mode), name, T, k, E, d, f)
     return cfg.with_backward(name)
 
 
