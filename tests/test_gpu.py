@@ -184,6 +184,44 @@ def test_qwen3_8192_fwd_bwd_matches_reference_on_a_slice():
         assert err <= TOLERANCE[jnp.dtype(jnp.bfloat16)], name
 
 
+def test_training_step_t65536_matches_reference_in_chunks():
+    """A whole training step of `moe` at T = 65536 (n = T * k = 524288 sorted rows): finite, and equal
+    to the reference's. Routing and dX of a token depend on that token alone and the parameter
+    gradients are sums over tokens, so the reference runs on 2048-token chunks (its VJP would not fit
+    at once) and its parameter gradients are added up in float32.
+    """
+    T, E, k, d, f, chunk = 65536, 64, 8, 2048, 768, 2048
+    p = Problem(15, T, d, f, E, k, dtype=jnp.bfloat16)
+    router = (jax.random.normal(jax.random.key(6), (d, E)) / np.sqrt(d)).astype(jnp.bfloat16)
+    g = jax.random.normal(jax.random.key(7), (T, d), jnp.float32)
+
+    def step(impl):
+        def loss(x, rw, wg, wu, wd, g):
+            y, _ = (reference.moe if impl == "xla" else functools.partial(jaxmoe.moe, implementation=impl))(
+                x, rw, wg, wu, wd, top_k=k)
+            return jnp.sum(y.astype(jnp.float32) * g)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+    loss, got = step("triton")(p.x, router, p.w_gate, p.w_up, p.w_down, g)
+    assert np.isfinite(float(loss)) and all(bool(jnp.isfinite(a).all()) for a in got)
+    ref_step = step("xla")
+    ref_loss, dx_parts, sums = 0.0, [], None
+    for start in range(0, T, chunk):
+        rows = slice(start, start + chunk)
+        part_loss, part = ref_step(p.x[rows], router, p.w_gate, p.w_up, p.w_down, g[rows])
+        ref_loss += float(part_loss)
+        dx_parts.append(part[0])
+        params = [a.astype(jnp.float32) for a in part[1:]]
+        sums = params if sums is None else [s + a for s, a in zip(sums, params)]
+    assert abs(float(loss) - ref_loss) <= 1e-2 * abs(ref_loss)
+    assert_close(got[0], jnp.concatenate(dx_parts), jnp.bfloat16)
+    for name, a, b in zip(("router_weight", "w_gate", "w_up", "w_down"), got[1:], sums):
+        err = rel_err(a, b)
+        print(f"d{name}: {err:.3g}")
+        assert err <= TOLERANCE[jnp.dtype(jnp.bfloat16)], name
+
+
 @pytest.mark.parametrize("shape", MODEL_SHAPES[1:], ids=lambda s: s[0])
 def test_grads_bitwise_reproducible(shape):
     _, E, k, d, f = shape
