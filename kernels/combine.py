@@ -7,7 +7,8 @@ also sums the routing-weight gradient's per-tile planes here, with T*k rows of w
 
 Tiling: a program owns BLOCK_T tokens x BLOCK_D columns and adds the k rows in slot order j = 0..k-1
 (each row's planes in order s = 0..SPLITS-1) in float32 registers, so the sum is the same every run (no
-atomics decide its order).
+atomics decide its order) and is rounded to y's dtype once. The forward's rows arrive in float32 too,
+split or not, so y does not depend on the config (README, Numerics).
 """
 
 import triton
