@@ -107,8 +107,8 @@ class Cell:
     def down(self, h, disp, block_m, gemm):
         fn = jax.jit(lambda hh, wd, w, dp: ops.grouped_gemm(
             hh, wd, wd, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=False,
-            gated=False, scale_rows=True, precision="ieee", out_dtype=hh.dtype, mode=self.mode))
-        return fn, (h, self.w_down, self.row_weights, disp)
+            gated=False, scale_rows=True, precision="ieee", out_dtype=jnp.float32, mode=self.mode))
+        return fn, (h, self.w_down, self.row_weights, disp)  # float32 rows, as the forward writes them
 
     # The backward GEMMs, on the activations the forward keeps (hgu = h | gate | up per sorted row).
 
@@ -228,7 +228,7 @@ def stages(cell: Cell, min_time_s: float) -> dict[str, float]:
         "dispatch": _time(dispatch_fn, (cell.ids,), min_time_s),
         "gate_up": _time(gate_fn, gate_args, min_time_s),
         "down": _time(down_fn, down_args, min_time_s),
-        "combine": _time(jax.jit(lambda r, a: ops.combine(r, a, cell.T, s.k, r.dtype, "triton")),
+        "combine": _time(jax.jit(lambda r, a: ops.combine(r, a, cell.T, s.k, cell.x.dtype, "triton")),
                          (rows, disp.assignment_rows), min_time_s),
         "moe": _time(moe, (cell.x, cell.router, cell.w_gate, cell.w_up, cell.w_down), min_time_s),
         "config": str(cfg),

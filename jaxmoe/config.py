@@ -2,7 +2,9 @@
 
 A config is chosen at trace time from static facts only (device kind, dtype, E, d, f and a bucket of
 the average rows per expert, T*k/E), so the first call never stalls on autotuning and the same
-shapes always run the same kernels, which keeps results bitwise reproducible.
+shapes always run the same kernels, which keeps results bitwise reproducible. Batch sizes of one
+bucket share a config, and so their compiled kernels; buckets may pick different configs, each
+compiled once (the kernels take the token count at run time).
 
 `tuned_configs.json` is written by `python -m benchmarks.tune` on the GPU; keys are
 "<device>/<dtype>/E<E>/d<d>/f<f>/m<bucket>".

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 from typing import Sequence
 
 import jax
@@ -56,8 +57,12 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
 
         return list(run(*[args[i] for i in array_slots]))
     if mode == "record":
-        _RECORDS.append(LaunchRecord(kernel, tuple(_triton_type(a) for a in (*args, *out_shapes)), grid,
-                                     num_warps, num_stages, constexprs))
+        # jax-triton (as Triton's own launcher) compiles an int argument equal to 1 in as a constant, so
+        # that value is part of what compiles: the record keeps it among the constexprs.
+        ones = {name: 1 for name, a in zip(kernel.arg_names, args) if not isinstance(a, jax.Array) and a == 1}
+        arg_types = tuple(_triton_type(a) for name, a in zip(kernel.arg_names, args) if name not in ones)
+        arg_types += tuple(_triton_type(s) for s in out_shapes)
+        _RECORDS.append(LaunchRecord(kernel, arg_types, grid, num_warps, num_stages, {**ones, **constexprs}))
         return [jax.numpy.zeros(s.shape, s.dtype) for s in out_shapes]
     raise ValueError(f"unknown launch mode {mode!r}")
 
@@ -71,7 +76,13 @@ class LaunchRecord:
     grid: tuple[int, ...]
     num_warps: int
     num_stages: int
-    constexprs: dict
+    constexprs: dict  # with the int arguments equal to 1, which jax-triton compiles in
+
+    @property
+    def compile_key(self) -> str:
+        """What selects the binary: kernel, signature types, constexprs, warps and stages (not the grid)."""
+        return json.dumps([self.kernel.__name__, self.arg_types, self.num_warps, self.num_stages,
+                           sorted(self.constexprs.items())], default=str)
 
     @property
     def signature(self) -> dict[str, str]:

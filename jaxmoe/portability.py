@@ -9,7 +9,6 @@ Compiling needs no GPU: `python -m jaxmoe.portability` or the test in tests/test
 from __future__ import annotations
 
 import functools
-import json
 import sys
 
 import jax
@@ -55,11 +54,6 @@ def _record_dispatch(n: int, E: int) -> list[launch.LaunchRecord]:
     return records
 
 
-def _key(record: launch.LaunchRecord) -> str:
-    return json.dumps([record.kernel.__name__, record.arg_types, record.num_warps, record.num_stages,
-                       sorted(record.constexprs.items())], default=str)
-
-
 def shipped_launches() -> list[launch.LaunchRecord]:
     """Every forward kernel of every shipped config. The backward kernels (and the forward's variants
     that keep residuals) of the heuristic's smallest and largest tiles in bfloat16 and float32, and at
@@ -81,20 +75,22 @@ def shipped_launches() -> list[launch.LaunchRecord]:
     records += _record_dispatch(65536, 128)  # the two-launch path for large batches
     unique = {}
     for record in records:
-        unique.setdefault(_key(record), record)
+        unique.setdefault(record.compile_key, record)
     return list(unique.values())
 
 
 def int64_launches() -> list[launch.LaunchRecord]:
     """Launches at a size whose offsets pass 2^31 (T=65536, k=8, d=4096): constexpr strides that large
-    must meet only int64 arithmetic in the kernels, or compilation fails."""
+    must meet only int64 arithmetic in the kernels, or compilation fails. (Offsets built from runtime
+    counts, such as the split-K plane stride n * N, are cast to int64 before multiplying; nothing here
+    would catch one that is not.)"""
     split = config.MoEConfig(16, config.GemmConfig(64, 64), config.GemmConfig(64, 64, split_k=2))
     records = []
     for cfg, backward in ((config.heuristic(4096, "bfloat16", 4096, 256), True), (split, False)):
         records += _record_ffn("bfloat16", cfg, (65536, 4096, 256, 16, 8), "default", backward=backward)
     unique = {}
     for record in records:
-        unique.setdefault(_key(record), record)
+        unique.setdefault(record.compile_key, record)
     return list(unique.values())
 
 

@@ -19,6 +19,11 @@ Tiling: assignments are read SUB at a time as [SUB, BLOCK_E] one-hot tiles (BLOC
 two), so counting and ranking are column sums and cumulative sums of small register tiles.
 Ids outside [0, E) have all-zero one-hot rows, so they are dropped. Padding exists only in index
 space: rows of a block past its expert's end are masked by the GEMMs, never copied.
+
+n_assignments, n_chunks and n_blocks follow the token count and are runtime arguments. The tile
+sizes (CHUNK, SUB, CHUNK_TILE, BLOCK_TILE) shape register tiles and so are compile-time; the
+launcher picks them from a power-of-two bucket of n_assignments (jaxmoe/ops/dispatch.py), so batch
+sizes of one bucket share a compile.
 """
 
 import triton

@@ -26,6 +26,9 @@ swizzle every row block would stream them from memory again.
 The grid is static (worst-case number of row blocks x N tiles); blocks with expert -1 return at
 once, so empty experts and unused worst-case blocks cost a few cycles. Row, expert and column
 offsets are int64 because row * stride and expert * d * f pass 2^31 on large models.
+
+Compile-time values are the model's (shapes, strides, tiles, flags); what follows the token count
+(n_blocks, n_assignments) is a runtime argument, so every batch size reuses one compiled kernel.
 """
 
 import triton
@@ -107,12 +110,14 @@ def grouped_gemm_kernel(
     expert_offsets_ptr,  # [E + 1] int32
     block_experts_ptr,  # [n_blocks] int32
     block_rows_ptr,  # [n_blocks] int32
-    # dimensions
+    # dimensions that follow the token count: runtime, so a new batch size compiles nothing new
     n_blocks,
+    n_assignments,  # T * TOP_K: the rows of each SPLIT_K output plane
     # outputs
-    out_ptr,  # [n_assignments, N] sorted order ([n_assignments, 3N] with STORE_PREACT)
-    # shapes and strides are constexpr: the compiler must know they are multiples of 8 elements to
-    # emit 16-byte vector loads and asynchronous copies (jax-triton passes int scalars without that hint)
+    out_ptr,  # [n_assignments, N] sorted order ([n_assignments, 3N] with STORE_PREACT; [SPLIT_K, ...])
+    # shapes and strides are the model's, so constexpr: the compiler must know they are multiples of 8
+    # elements to emit 16-byte vector loads and asynchronous copies (jax-triton passes int scalars
+    # without that hint)
     N: tl.constexpr,
     K: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -121,7 +126,6 @@ def grouped_gemm_kernel(
     stride_bk: tl.constexpr,
     stride_bn: tl.constexpr,
     stride_om: tl.constexpr,
-    stride_os: tl.constexpr,  # between the SPLIT_K output planes
     # meta-parameters
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -192,8 +196,11 @@ def grouped_gemm_kernel(
             acc = accumulate(acc, a_ptr + K, a_rows, row_ok, stride_am, b2_ptr + expert * stride_be, cols,
                              col_ok, k_first, k_last, stride_bk, stride_bn, BLOCK_K, EVEN_K, DOT_PRECISION)
 
-    plane = tl.program_id(1).to(tl.int64) * stride_os  # n * N passes 2^31 for large batches
-    out_ptrs = out_ptr + plane + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    if SPLIT_K > 1:
+        # Planes are n_assignments * N apart (int64: it passes 2^31 for large batches). The product
+        # with the constexpr N keeps N's alignment known to the compiler, as a constexpr stride would.
+        out_ptrs += tl.program_id(1).to(tl.int64) * n_assignments * N
     out_ok = row_ok[:, None] & col_ok[None, :]
     if GATED:
         if STORE_PREACT:

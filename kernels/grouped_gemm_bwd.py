@@ -39,13 +39,13 @@ def dh_kernel(
     expert_offsets_ptr,  # [E + 1] int32
     block_experts_ptr,  # [n_blocks] int32
     block_rows_ptr,  # [n_blocks] int32
-    # dimensions
+    # dimensions that follow the token count: runtime, so a new batch size compiles nothing new
     n_blocks,
     n_assignments,
     # outputs
     dgu_ptr,  # [n_assignments, 2N] sorted: dgate | dup
     dw_parts_ptr,  # [cdiv(N, BLOCK_N), n_assignments] float32 partial sums of <g, h>
-    # shapes (constexpr for vectorised loads, as in grouped_gemm_kernel)
+    # the model's shapes (constexpr for vectorised loads, as in grouped_gemm_kernel)
     N: tl.constexpr,  # f
     K: tl.constexpr,  # d
     TOP_K: tl.constexpr,
@@ -101,7 +101,8 @@ def weight_grad_kernel(
     # outputs
     out_ptr,  # [E, M, N]
     out2_ptr,  # [E, M, N] written only with TWO_OUTPUTS (from B's columns N..2N)
-    # shapes and strides (constexpr for vectorised loads)
+    # the model's shapes and strides (constexpr for vectorised loads); the rows, which follow the token
+    # count, come at run time from expert_offsets
     M: tl.constexpr,
     N: tl.constexpr,
     TOP_K: tl.constexpr,

@@ -6,6 +6,7 @@ runs them on the GPU. Each implementation declares its dtypes in jaxmoe.SUPPORTE
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -16,6 +17,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe import ops, reference
+from jaxmoe.ops import ffn
 from jaxmoe.config import GemmConfig, MoEConfig
 from conftest import TOLERANCE, Problem, assert_close, rel_err
 
@@ -79,6 +81,41 @@ def test_split_k_down_projection(impl):
     assert_close(run(impl, p, SPLIT_K), reference_of(p), jnp.float32)
 
 
+UNSPLIT = dataclasses.replace(SPLIT_K, down=dataclasses.replace(SPLIT_K.down, split_k=1))
+
+
+def _bf16_ulp(a) -> np.ndarray:
+    return np.spacing(np.abs(np.asarray(a, np.float32))) * 2.0**16  # float32 spacing has 16 more bits
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_one_rounding_whatever_the_down_config(impl):
+    """README, Numerics: a token's k weighted rows (and split-K's partial sums) add in float32 and round
+    once to the output dtype. So each bfloat16 output is its exact sum, computed from the kernels' own h
+    rows, rounded once (within half an ulp, plus float32's error over the f + k * splits additions), and
+    the split-K and unsplit down projections differ by at most one ulp, where their float32 sums
+    straddle a rounding boundary. Rows rounded to bfloat16 before the sum miss both by many ulps."""
+    p = Problem(35, 40, 48, 72, 6, 4, dtype=jnp.bfloat16)
+    outputs = []
+    for cfg in (UNSPLIT, SPLIT_K):
+        options = ffn._FFNOptions(impl, cfg, ops.dot_precision(p.dtype, impl))
+        y, disp, hgu = jax.jit(lambda *a: ffn._ffn_forward(*a, options, keep=True))(*p.args)
+        # The exact sum, in float64, of w_a * h_r @ W_down[e] over each token's sorted rows r.
+        assignments = np.asarray(disp.sorted_assignments)
+        h = np.asarray(hgu[:, :p.f].astype(jnp.float32), np.float64)
+        w = np.asarray(p.weights, np.float64).reshape(-1)[assignments, None]
+        w_down = np.asarray(p.w_down.astype(jnp.float32), np.float64)[np.asarray(p.ids).reshape(-1)[assignments]]
+        exact, magnitude = np.zeros((p.T, p.d)), np.zeros((p.T, p.d))
+        np.add.at(exact, assignments // p.k, w * np.einsum("rf,rfd->rd", h, w_down))
+        np.add.at(magnitude, assignments // p.k, np.abs(w) * np.einsum("rf,rfd->rd", np.abs(h), np.abs(w_down)))
+        y = np.asarray(y.astype(jnp.float32))
+        float32_error = (p.f + p.k * cfg.down.split_k + 2) * 2.0**-24 * magnitude
+        assert np.all(np.abs(y - exact) <= 0.5 * _bf16_ulp(y) + float32_error), cfg.down
+        outputs.append(y)
+    unsplit, split = outputs
+    assert np.all(np.abs(unsplit - split) <= np.maximum(_bf16_ulp(unsplit), _bf16_ulp(split)))
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 def test_every_empty_expert_pattern_for_four_experts(impl):
     """For each non-empty set of live experts among 4, route every token only to live experts."""
@@ -107,10 +144,12 @@ def test_out_of_range_ids_under_jit_contribute_zero(impl):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
-def test_bitwise_deterministic(impl):
-    p = Problem(23, 45, 32, 48, 4, 2)
-    a, b = np.asarray(run(impl, p)), np.asarray(run(impl, p))
-    assert a.tobytes() == b.tobytes()
+@pytest.mark.parametrize("config", [None, SPLIT_K], ids=["table", "split_k"])
+def test_bitwise_deterministic(impl, config):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        p = Problem(23, 45, 32, 48, 4, 2, dtype=dtype)
+        a, b = np.asarray(run(impl, p, config)), np.asarray(run(impl, p, config))
+        assert a.tobytes() == b.tobytes()
 
 
 def grads(impl, p: Problem, config=None):

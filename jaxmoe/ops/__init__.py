@@ -11,7 +11,7 @@ either calls jax-triton ("triton") or runs Triton's interpreter under `jax.pure_
 everything works under jit.
 """
 
-from jaxmoe.ops.dispatch import Dispatch, dispatch, max_row_blocks
+from jaxmoe.ops.dispatch import Dispatch, dispatch, dispatch_bucket, max_row_blocks
 from jaxmoe.ops.ffn import Residuals, expert_ffn
 from jaxmoe.ops.gemm import combine, dot_precision, grouped_gemm
 from jaxmoe.ops.routing import route

@@ -29,37 +29,55 @@ def max_row_blocks(n_assignments: int, E: int, block_m: int) -> int:
     return max(1, (n_assignments + nonempty * (block_m - 1)) // block_m)
 
 
+def dispatch_bucket(n_assignments: int) -> int:
+    """The power of two of n = T*k from which dispatch's tile sizes are chosen (one compile per bucket)."""
+    return _next_pow2(n_assignments)
+
+
+def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
+    """Dispatch's constexprs, from the bucket of n alone.
+
+    CHUNK, SUB, CHUNK_TILE and BLOCK_TILE size register tiles (or loops over them), so they stay
+    compile-time values: choosing them from dispatch_bucket(n), not from n, makes every batch size of a
+    bucket share one compile, and a model a log-many set of them. n itself, the chunk count and the row
+    blocks are runtime arguments, which the tiles cover for every n of the bucket.
+    """
+    bucket = dispatch_bucket(n_assignments)
+    block_e = _next_pow2(E)
+    # Small batches: one program takes all assignments in a single one-hot tile of up to 16K entries
+    # (serial tile loops would dominate a decode step). Larger ones: 4K-entry tiles, many programs.
+    single_chunk = bucket * block_e <= 16384
+    if single_chunk:
+        chunk = sub = bucket
+        chunk_tile = 16  # one chunk: the chunk counts are not read
+        block_tile = max(16, min(_next_pow2(max_row_blocks(bucket, E, block_m)), 16384 // block_e))
+    else:
+        sub = max(16, 4096 // block_e)
+        chunk = max(sub, min(4096, bucket // 128))  # about 128 chunks; bucket // chunk bounds their count
+        chunk_tile = max(16, min(bucket // chunk, 4096 // block_e))
+        block_tile = max(16, 4096 // block_e)
+    return dict(E=E, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, SUB=sub, CHUNK_TILE=chunk_tile,
+                BLOCK_TILE=block_tile, SINGLE_CHUNK=single_chunk)
+
+
 def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str) -> Dispatch:
     """Sorts assignments by expert on the device: one launch for small batches, two otherwise."""
     n = flat_ids.shape[0]
-    block_e = _next_pow2(E)
     n_blocks = max_row_blocks(n, E, block_m)
-    # Small batches: one program takes all assignments in a single one-hot tile of up to 16K entries
-    # (serial tile loops would dominate a decode step). Larger ones: 4K-entry tiles, many programs.
-    single_chunk = _next_pow2(n) * block_e <= 16384
-    if single_chunk:
-        chunk = sub = _next_pow2(n)
-        block_tile = max(16, min(_next_pow2(n_blocks), 16384 // block_e))
-    else:
-        sub = max(16, 4096 // block_e)
-        chunk = max(sub, min(4096, _next_pow2(_cdiv(n, 128))))
-        block_tile = max(16, 4096 // block_e)
-    n_chunks = _cdiv(n, chunk)
+    tiles = _tiles(n, E, block_m)
+    single_chunk = tiles["SINGLE_CHUNK"]
+    n_chunks = _cdiv(n, tiles["CHUNK"])
     flat_ids = flat_ids.astype(_I32)
-    tiles = dict(E=E, CHUNK=chunk, SUB=sub, BLOCK_E=block_e)
 
     if single_chunk:
         chunk_counts = flat_ids  # not read
     else:
+        count_tiles = {key: tiles[key] for key in ("E", "CHUNK", "SUB", "BLOCK_E")}
         (chunk_counts,) = launch(dispatch_kernels.count_chunks_kernel, flat_ids, n, grid=(n_chunks,), mode=mode,
-                                 out_shapes=[_out((n_chunks, E), _I32)], **tiles)
+                                 out_shapes=[_out((n_chunks, E), _I32)], **count_tiles)
     outs = launch(
         dispatch_kernels.scatter_kernel, flat_ids, chunk_counts, n, n_chunks, n_blocks, grid=(n_chunks,),
         mode=mode, num_warps=8 if single_chunk else 4,
         out_shapes=[_out((n,), _I32), _out((n,), _I32), _out((E + 1,), _I32), _out((n_blocks,), _I32),
-                    _out((n_blocks,), _I32)],
-        BLOCK_M=block_m, CHUNK_TILE=max(16, min(_next_pow2(n_chunks), 4096 // block_e)),
-        BLOCK_TILE=block_tile, SINGLE_CHUNK=single_chunk, **tiles)
+                    _out((n_blocks,), _I32)], **tiles)
     return Dispatch(*outs)
-
-

@@ -63,13 +63,14 @@ def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options: _FFNOptions, ke
     mode = options.mode
     row_weights = weights.reshape(-1).astype(_F32)
     disp = dispatch(ids.reshape(-1), E, cfg.block_m, mode)
-    common = dict(disp=disp, top_k=k, block_m=cfg.block_m, precision=options.precision, out_dtype=x.dtype,
-                  mode=mode)
+    common = dict(disp=disp, top_k=k, block_m=cfg.block_m, precision=options.precision, mode=mode)
     hgu = grouped_gemm(x, w_gate, w_up, row_weights, gemm=cfg.gate_up, gather_a=True, gated=True,
-                       scale_rows=False, store_preact=keep, **common)
+                       scale_rows=False, store_preact=keep, out_dtype=x.dtype, **common)
     # With keep, hgu is [n, 3f]: the down GEMM reads its first f columns through the row stride.
+    # Its weighted rows stay float32 (as split-K's partial sums are), so the combine rounds each token's
+    # sum once and y does not depend on whether the config splits K (README, Numerics).
     rows = grouped_gemm(hgu, w_down, w_down, row_weights, gemm=cfg.down, gather_a=False, gated=False,
-                        scale_rows=True, **common)
+                        scale_rows=True, out_dtype=_F32, **common)
     return combine(rows, disp.assignment_rows, T, k, x.dtype, mode), disp, hgu
 
 

@@ -2,6 +2,10 @@
 
 Each one takes its shapes and strides from its operands, picks the grid and passes the config's
 tiles; kernels/grouped_gemm.py and kernels/grouped_gemm_bwd.py say what each kernel computes.
+
+Compile keys: what follows the token count T (n = T*k rows, row blocks, T itself) is passed as a
+runtime int, never a constexpr, so every batch size runs the kernels compiled for the model's
+shapes; only the config (config.select, by a bucket of T) may differ between batch sizes.
 """
 
 from __future__ import annotations
@@ -62,11 +66,11 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
     out_shape = _out((n, width), out_dtype) if splits == 1 else _out((splits, n, N), _F32)
     (out,) = launch(
         gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, disp.sorted_assignments, disp.expert_offsets,
-        disp.block_experts, disp.block_rows, n_blocks,
+        disp.block_experts, disp.block_rows, n_blocks, n,
         grid=(n_blocks * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
         N=N, K=K, TOP_K=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
-        stride_om=width, stride_os=n * N, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
+        stride_om=width, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
         DOT_PRECISION=precision)
@@ -117,9 +121,11 @@ def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: s
     if expert_rows.ndim == 2:
         expert_rows = expert_rows[None]
     splits, n, D = expert_rows.shape
+    if n != T * top_k:  # the kernel finds the planes T * top_k rows apart
+        raise ValueError(f"combine needs T * top_k = {T * top_k} rows per plane, got {n}")
     block_d = min(1024, _next_pow2(D))
     block_t = max(1, 4096 // block_d)
     (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T,
                   grid=(_cdiv(T, block_t), _cdiv(D, block_d)), mode=mode, out_shapes=[_out((T, D), out_dtype)],
-                  D=D, TOP_K=top_k, SPLITS=splits, stride_split=n * D, BLOCK_T=block_t, BLOCK_D=block_d)
+                  D=D, TOP_K=top_k, SPLITS=splits, BLOCK_T=block_t, BLOCK_D=block_d)
     return y
