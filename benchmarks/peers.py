@@ -2,7 +2,8 @@
 
 Implementations:
   triton   jaxmoe.moe(..., implementation="triton")                   (GPU only)
-  xla      jaxmoe.moe(..., implementation="xla"), the jax.lax reference
+  xla      the jax.lax reference: jaxmoe.moe(..., implementation="xla") on CPU, the same pipeline with
+           jax.lax.ragged_dot as it is on a GPU (see make_forward)
   tokamax  jaxmoe.reference.moe_pipeline with tokamax.ragged_dot_general(implementation="mosaic") as the
            grouped GEMM (GPU only, and only when `import tokamax` works), through
            jaxmoe.reference.make_ragged_dot: its VJP is two more tokamax ragged GEMMs. tokamax runs its
@@ -61,9 +62,15 @@ def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
 
 
 def make_forward(impl: str, k: int):
-    """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation."""
-    if impl == "tokamax":
-        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=tokamax_ragged_dot)
+    """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation.
+
+    The xla row on a GPU is the plain jax.lax pipeline, with jax.lax.ragged_dot as it is: jaxmoe's
+    "xla" implementation adds a finiteness check of the weights there (see
+    reference.default_ragged_dot), which would slow the peer and flatter us.
+    """
+    if impl == "tokamax" or (impl == "xla" and jax.default_backend() == "gpu"):
+        ragged_dot = tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot
+        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
         return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
                                  bias=None, route_fn=jaxmoe.route, expert_ffn_fn=expert_ffn)
     return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)

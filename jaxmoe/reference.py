@@ -78,10 +78,18 @@ def masked_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_elemen
     return jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype))
 
 
-def default_ragged_dot(*args, **kwargs):
-    """jax.lax.ragged_dot, except on CPU, where masked_ragged_dot keeps Inf and NaN in their own rows."""
-    fn = masked_ragged_dot if jax.default_backend() == "cpu" else jax.lax.ragged_dot
-    return fn(*args, **kwargs)
+def default_ragged_dot(lhs, rhs, group_sizes, **kwargs):
+    """jax.lax.ragged_dot where that keeps Inf and NaN in their own rows, else masked_ragged_dot.
+
+    On CPU, always masked_ragged_dot. On GPUs, XLA's ragged_dot lets a non-finite weight of one group
+    reach the rows of every other group (seen on an H200: one NaN in one expert's w_up made every
+    token's output NaN), so it runs only while every weight is finite, and masked_ragged_dot, one
+    dense dot per group, takes over otherwise. The check reads the weights once more.
+    """
+    if jax.default_backend() == "cpu":
+        return masked_ragged_dot(lhs, rhs, group_sizes, **kwargs)
+    return jax.lax.cond(jnp.isfinite(rhs).all(), functools.partial(jax.lax.ragged_dot, **kwargs),
+                        functools.partial(masked_ragged_dot, **kwargs), lhs, rhs, group_sizes)
 
 
 def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, ragged_dot: Callable = default_ragged_dot):
