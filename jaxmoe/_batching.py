@@ -25,17 +25,18 @@ from jaxmoe import reference
 
 
 def batchable(expert_ffn_fn: Callable) -> Callable:
-    """expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down) -> the same function, folded under vmap."""
+    """expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first) -> the same function (with
+    expert_first defaulting to 0), folded under vmap."""
 
     @jax.custom_vjp
     @jax.custom_batching.custom_vmap
-    def ffn(x, weights, ids, w_gate, w_up, w_down):
-        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down)
+    def ffn(x, weights, ids, w_gate, w_up, w_down, expert_first):
+        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first)
 
     @ffn.def_vmap
-    def ffn_vmap(axis_size, in_batched, x, weights, ids, w_gate, w_up, w_down):
-        args = (x, weights, ids, w_gate, w_up, w_down)
-        if any(in_batched[3:]):  # per-element experts: one call per element
+    def ffn_vmap(axis_size, in_batched, x, weights, ids, w_gate, w_up, w_down, expert_first):
+        args = (x, weights, ids, w_gate, w_up, w_down, expert_first)
+        if any(in_batched[3:]):  # per-element experts (or expert ranges): one call per element
 
             def one_element(batched):
                 rest = iter(batched)
@@ -47,19 +48,26 @@ def batchable(expert_ffn_fn: Callable) -> Callable:
         B, T, d = x.shape
         k = ids.shape[-1]
         # ffn, not expert_ffn_fn: an outer vmap folds its batch axis into these tokens too.
-        y = ffn(x.reshape(B * T, d), weights.reshape(B * T, k), ids.reshape(B * T, k), w_gate, w_up, w_down)
+        y = ffn(x.reshape(B * T, d), weights.reshape(B * T, k), ids.reshape(B * T, k), w_gate, w_up, w_down,
+                expert_first)
         return y.reshape(B, T, d), True
 
-    def ffn_fwd(x, weights, ids, w_gate, w_up, w_down):
-        return jax.vjp(lambda x, weights, w_gate, w_up, w_down: expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down),
-                       x, weights, w_gate, w_up, w_down)
+    def ffn_fwd(x, weights, ids, w_gate, w_up, w_down, expert_first):
+        def differentiable(x, weights, w_gate, w_up, w_down):
+            return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first)
+
+        return jax.vjp(differentiable, x, weights, w_gate, w_up, w_down)
 
     def ffn_bwd(vjp, d_y):
         d_x, d_weights, d_gate, d_up, d_down = vjp(d_y)
-        return d_x, d_weights, None, d_gate, d_up, d_down
+        return d_x, d_weights, None, d_gate, d_up, d_down, None
 
     ffn.defvjp(ffn_fwd, ffn_bwd)
-    return ffn
+
+    def call(x, weights, ids, w_gate, w_up, w_down, expert_first=0):
+        return ffn(x, weights, ids, w_gate, w_up, w_down, jnp.asarray(expert_first, jnp.int32))
+
+    return call
 
 
 def ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):

@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from jaxmoe import _batching, _validate, reference
+from jaxmoe import _batching, _validate, reference, sharding
 from jaxmoe.routing import route
 
 IMPLEMENTATIONS = ("xla", "triton", "interpret")
@@ -98,7 +98,8 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | N
 
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "softmax",
-        renormalize: bool = True, bias=None, implementation: str | None = None):
+        renormalize: bool = True, bias=None, implementation: str | None = None, mesh=None,
+        expert_axis: str | None = None, data_axis=None):
     """The whole routed MoE layer: router matmul, top-k routing, expert FFN, weighted combine.
 
     Args:
@@ -107,11 +108,22 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "s
       w_gate, w_up, w_down: expert weights as in `expert_ffn`.
       top_k, scoring, renormalize, bias: as in `jaxmoe.route`.
       implementation: as in `expert_ffn`.
+      mesh: a `jax.sharding.Mesh` to run on; None takes the mesh of `jax.set_mesh` when an axis is named.
+      expert_axis: the mesh axis the experts are split over (expert parallelism): each of its P devices
+        holds E / P experts and tokens are exchanged with all_to_all. None: no expert parallelism.
+      data_axis: a mesh axis (or a sequence of them) the tokens are split over, weights replicated.
+        The T tokens are split over data_axis and expert_axis together. jaxmoe/sharding.py says how.
 
     Returns:
-      (y [..., d] in x's dtype, MoEAux).
+      (y [..., d] in x's dtype, MoEAux). With a mesh, y is sharded over the token axes on its flattened
+      leading dims and the aux losses equal the unsharded ones.
     """
     route_fn, expert_ffn_fn = _stages(implementation)
-    return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                  renormalize=renormalize, bias=bias, route_fn=route_fn,
-                                  expert_ffn_fn=expert_ffn_fn)
+    if mesh is None and expert_axis is None and data_axis is None:
+        return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
+                                      renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                      expert_ffn_fn=expert_ffn_fn)
+    return sharding.sharded_moe(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
+                                renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                expert_ffn_fn=expert_ffn_fn, mesh=mesh, expert_axis=expert_axis,
+                                data_axis=data_axis)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxmoe import _validate
+from jaxmoe import _validate, sharding
 from jaxmoe.api import check_implementation, moe
 from jaxmoe.reference import MoEAux
 
@@ -73,7 +73,7 @@ def _dtype_name(value) -> str | None:
 
 
 def check_layer_options(*, d_model, d_ff, num_experts, top_k, scoring, num_shared_experts, dtype, param_dtype,
-                        implementation) -> None:
+                        implementation, mesh=None, expert_axis=None, data_axis=None) -> None:
     """Both MoELayers run this as they are constructed, so a bad option fails there and is named as the
     constructor argument, instead of surfacing at the first call as a complaint about x or E."""
     for name, value, least in (("d_model", d_model, 1), ("d_ff", d_ff, 1), ("num_experts", num_experts, 1),
@@ -91,6 +91,10 @@ def check_layer_options(*, d_model, d_ff, num_experts, top_k, scoring, num_share
     if param_dtype_name is None or not jnp.issubdtype(param_dtype, jnp.floating):
         raise ValueError(f"param_dtype must be a float dtype, got {param_dtype_name or repr(param_dtype)}")
     check_implementation(implementation)
+    expert_axis, _ = sharding.normalize_axes(mesh, expert_axis, data_axis)
+    if mesh is not None and expert_axis is not None and num_experts % mesh.shape[expert_axis]:
+        raise ValueError(f"expert_axis={expert_axis!r} has size {mesh.shape[expert_axis]}, which does not divide "
+                         f"num_experts={num_experts}: each device must hold an equal share of the experts")
 
 
 def _swiglu(x, w_gate, w_up, w_down):
@@ -102,10 +106,12 @@ def _swiglu(x, w_gate, w_up, w_down):
 
 
 def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int, scoring: str,
-                    renormalize: bool, dtype, implementation: str | None) -> tuple[jax.Array, MoEAux]:
+                    renormalize: bool, dtype, implementation: str | None, mesh=None, expert_axis=None,
+                    data_axis=None) -> tuple[jax.Array, MoEAux]:
     """The layer's math on plain arrays: x [..., d] -> (y [..., d] in the compute dtype, MoEAux).
 
-    `params` holds the arrays named by `param_specs`; dtype None computes in x's dtype.
+    `params` holds the arrays named by `param_specs`; dtype None computes in x's dtype. mesh,
+    expert_axis and data_axis go to `jaxmoe.moe`; the shared experts are plain jnp under jit.
     """
     # The parameters follow param_specs and so agree with each other; what is left to disagree is x's d
     # with d_model, which the router's first dim holds.
@@ -121,7 +127,7 @@ def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int
     # The router keeps its own dtype: `moe` computes the logits in float32 whatever it gets, so
     # rounding it to the compute dtype first would only make routing decisions noisier.
     y, aux = moe(x, params["router"], *experts, top_k=top_k, scoring=scoring, renormalize=renormalize,
-                 implementation=implementation)
+                 implementation=implementation, mesh=mesh, expert_axis=expert_axis, data_axis=data_axis)
     if "shared_w_gate" in params:
         shared = [params[name].astype(dtype) for name in ("shared_w_gate", "shared_w_up", "shared_w_down")]
         y = (y.astype(jnp.float32) + _swiglu(x, *shared)).astype(dtype)
@@ -185,6 +191,10 @@ class MoELayer(nnx.Module):
       dtype: the compute dtype; None computes in the input's dtype. The output has this dtype.
       param_dtype: the dtype parameters are stored in.
       implementation: passed to `jaxmoe.moe`; None picks the fused Triton kernels on a GPU, else "xla".
+      mesh, expert_axis, data_axis: passed to `jaxmoe.moe`: expert and data parallelism on a mesh
+        (mesh None with an axis named takes the mesh of ``jax.set_mesh``). Create the layer under that
+        mesh and ``nnx.logical_axis_rules`` mapping "expert" to expert_axis (and "embed", "mlp" to
+        None) so that the expert weights are stored where each device computes with them.
       kernel_init: initializer for every expert weight, called with [E, in, out] for the routed
         experts and [in, out] for the shared ones; the default is truncated normal with variance 1/in.
       rngs: the `nnx.Rngs` the parameters are drawn from.
@@ -193,15 +203,20 @@ class MoELayer(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, scoring: str = "softmax",
                  renormalize: bool = True, num_shared_experts: int = 0, dtype=None,
                  param_dtype=jnp.float32, implementation: str | None = None,
-                 kernel_init: Initializer | None = None, rngs: nnx.Rngs):
+                 kernel_init: Initializer | None = None, mesh=None, expert_axis: str | None = None,
+                 data_axis=None, rngs: nnx.Rngs):
         check_layer_options(d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k, scoring=scoring,
                             num_shared_experts=num_shared_experts, dtype=dtype, param_dtype=param_dtype,
-                            implementation=implementation)
+                            implementation=implementation, mesh=mesh, expert_axis=expert_axis,
+                            data_axis=data_axis)
         self.top_k = top_k
         self.scoring = scoring
         self.renormalize = renormalize
         self.dtype = dtype
         self.implementation = implementation
+        self.mesh = mesh
+        self.expert_axis = expert_axis
+        self.data_axis = data_axis if data_axis is None or isinstance(data_axis, str) else tuple(data_axis)
         specs = param_specs(d_model, d_ff, num_experts, num_shared_experts, kernel_init)
         self.param_names = tuple(specs)
         for name, spec in specs.items():
@@ -212,7 +227,8 @@ class MoELayer(nnx.Module):
         params = {name: getattr(self, name)[...] for name in self.param_names}
         y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
                                  renormalize=self.renormalize, dtype=self.dtype,
-                                 implementation=self.implementation)
+                                 implementation=self.implementation, mesh=self.mesh,
+                                 expert_axis=self.expert_axis, data_axis=self.data_axis)
         for name, value in aux._asdict().items():
             self.sow(nnx.Intermediate, name, value, **_SOW_OPTIONS)
         return y

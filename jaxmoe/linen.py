@@ -15,7 +15,9 @@ class MoELayer(nn.Module):
     """A routed Mixture-of-Experts SwiGLU feed-forward layer; see `jaxmoe.MoELayer` for the options.
 
     Parameter names, shapes, initializers and logical axis names are those of `jaxmoe.MoELayer`, so
-    parameters move between the two unchanged. Each call sows "load_balancing_loss",
+    parameters move between the two unchanged; mesh, expert_axis and data_axis shard it as there
+    (with linen, lay the parameters out with ``nn.logical_to_mesh_sharding`` and the same rules). Each
+    call sows "load_balancing_loss",
     "router_z_loss" and "expert_counts" into the "intermediates" collection when it is mutable:
 
     >>> import jax, jax.numpy as jnp
@@ -41,13 +43,17 @@ class MoELayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     implementation: str | None = None
     kernel_init: Initializer | None = None
+    mesh: jax.sharding.Mesh | None = None
+    expert_axis: str | None = None
+    data_axis: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         # Here rather than in setup(), which flax runs lazily at init or apply: a bad option then fails
         # where the layer is constructed.
         check_layer_options(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
                             scoring=self.scoring, num_shared_experts=self.num_shared_experts, dtype=self.dtype,
-                            param_dtype=self.param_dtype, implementation=self.implementation)
+                            param_dtype=self.param_dtype, implementation=self.implementation, mesh=self.mesh,
+                            expert_axis=self.expert_axis, data_axis=self.data_axis)
         super().__post_init__()
 
     @nn.compact
@@ -58,7 +64,8 @@ class MoELayer(nn.Module):
                   for name, spec in specs.items()}
         y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
                                  renormalize=self.renormalize, dtype=self.dtype,
-                                 implementation=self.implementation)
+                                 implementation=self.implementation, mesh=self.mesh,
+                                 expert_axis=self.expert_axis, data_axis=self.data_axis)
         for name, value in aux._asdict().items():
             self.sow("intermediates", name, value)
         return y

@@ -50,10 +50,16 @@ def _permute_rows_bwd(residuals, grad):
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
+def is_local(local_ids: jax.Array, E: int) -> jax.Array:
+    """The local-expert-range rule (kernels/dispatch.py holds the same): an assignment whose id minus
+    expert_first lies outside [0, E) belongs to another device (or is out of range). It gets no row,
+    contributes exactly zero to y and gets a zero gradient for its routing weight here."""
+    return (local_ids >= 0) & (local_ids < E)
+
+
 def _expert_counts(flat_ids: jax.Array, E: int) -> jax.Array:
     """Assignments per expert; ids outside [0, E) land in a dropped overflow bin."""
-    in_range = (flat_ids >= 0) & (flat_ids < E)
-    bins = jnp.where(in_range, flat_ids, E)
+    bins = jnp.where(is_local(flat_ids, E), flat_ids, E)
     return jnp.zeros(E + 1, jnp.int32).at[bins].add(1)[:E]  # integer adds: order cannot matter
 
 
@@ -92,19 +98,24 @@ def default_ragged_dot(lhs, rhs, group_sizes, **kwargs):
                         functools.partial(masked_ragged_dot, **kwargs), lhs, rhs, group_sizes)
 
 
-def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, ragged_dot: Callable = default_ragged_dot):
-    """The expert FFN with a pluggable grouped GEMM (the benchmark swaps in peers' ragged_dot)."""
+def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, *,
+                       ragged_dot: Callable = default_ragged_dot):
+    """The expert FFN with a pluggable grouped GEMM (the benchmark swaps in peers' ragged_dot).
+
+    The expert weights hold experts [expert_first, expert_first + E) (expert_first: an int or a traced
+    int32 scalar, 0 on one device); assignments to other experts follow `is_local`.
+    """
     T, d = x.shape
     k = ids.shape[1]
     E = w_gate.shape[0]
     if T == 0:
         return jnp.zeros((0, d), x.dtype)
-    flat_ids = ids.reshape(-1).astype(jnp.int32)
-    in_range = (flat_ids >= 0) & (flat_ids < E)
-    # Out-of-range ids sort last, past every group, and get zero weight below.
-    perm = jnp.argsort(jnp.where(in_range, flat_ids, E), stable=True).astype(jnp.int32)
+    local_ids = ids.reshape(-1).astype(jnp.int32) - jnp.asarray(expert_first, jnp.int32)
+    in_range = is_local(local_ids, E)
+    # Assignments that are not local sort last, past every group, and get zero weight below.
+    perm = jnp.argsort(jnp.where(in_range, local_ids, E), stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
-    group_sizes = _expert_counts(flat_ids, E)
+    group_sizes = _expert_counts(local_ids, E)
 
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), perm, inverse)
     gate = ragged_dot(x_sorted, w_gate, group_sizes, preferred_element_type=jnp.float32)
@@ -188,20 +199,45 @@ def make_ragged_dot(general: Callable) -> Callable:
     return call
 
 
-def aux_losses(logits: jax.Array, routing: Routing, E: int) -> MoEAux:
-    T, k = routing.ids.shape
-    counts = _expert_counts(routing.ids.reshape(-1), E)
-    # max(., 1) makes T = 0 give zero losses instead of 0/0.
-    assignment_share = counts.astype(jnp.float32) / max(T * k, 1)
-    mean_prob = routing.probs.sum(axis=0) / max(T, 1)
-    load_balancing = E * jnp.sum(assignment_share * mean_prob)
+class RouterStats(NamedTuple):
+    """Sufficient statistics of the aux losses: sums over tokens, so the stats of a token-sharded batch
+    are the sums of its shards' (jaxmoe/sharding.py psums them before `finalize_aux`)."""
+
+    expert_counts: jax.Array  # [E] int32, assignments per expert
+    prob_sums: jax.Array  # [E] float32, router probabilities summed over tokens
+    z_squared_sum: jax.Array  # float32, sum over tokens of logsumexp(logits)^2
+    tokens: jax.Array  # int32, T
+
+
+def router_stats(logits: jax.Array, routing: Routing, E: int) -> RouterStats:
     z = jax.nn.logsumexp(logits, axis=-1)
-    router_z = jnp.sum(z * z) / max(T, 1)
-    return MoEAux(load_balancing, router_z, counts)
+    return RouterStats(_expert_counts(routing.ids.reshape(-1), E), routing.probs.sum(axis=0), jnp.sum(z * z),
+                       jnp.int32(routing.ids.shape[0]))
+
+
+def finalize_aux(stats: RouterStats, top_k: int) -> MoEAux:
+    """The aux-loss formulas, from (possibly cross-device summed) RouterStats."""
+    E = stats.expert_counts.shape[0]
+    # max(., 1) makes T = 0 give zero losses instead of 0/0.
+    tokens = jnp.maximum(stats.tokens, 1).astype(jnp.float32)
+    assignment_share = stats.expert_counts.astype(jnp.float32) / (tokens * top_k)
+    mean_prob = stats.prob_sums / tokens
+    load_balancing = E * jnp.sum(assignment_share * mean_prob)
+    return MoEAux(load_balancing, stats.z_squared_sum / tokens, stats.expert_counts)
+
+
+def aux_losses(logits: jax.Array, routing: Routing, E: int) -> MoEAux:
+    return finalize_aux(router_stats(logits, routing, E), routing.ids.shape[1])
 
 
 def router_logits(x2d: jax.Array, router_weight: jax.Array) -> jax.Array:
     return jnp.dot(x2d.astype(jnp.float32), router_weight.astype(jnp.float32))
+
+
+def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias, route_fn: Callable):
+    """x2d [T, d] -> (logits [T, E] float32, Routing): the router matmul and the routing stage."""
+    logits = router_logits(x2d, router_weight)
+    return logits, route_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
 
 
 def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
@@ -210,8 +246,8 @@ def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, reno
     d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, d)
-    logits = router_logits(x2d, router_weight)
-    routing = route_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+    logits, routing = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
+                                   bias=bias, route_fn=route_fn)
     y = expert_ffn_fn(x2d, routing.weights, routing.ids, w_gate, w_up, w_down)
     return y.reshape(*lead, d), aux_losses(logits, routing, E)
 

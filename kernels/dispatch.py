@@ -9,15 +9,23 @@ integer prefix sums, so the order within an expert is assignment order and runs 
    own slice starts at (a prefix sum over earlier chunks), then ranks each assignment among the
    earlier ones of its expert in the slice (a cumulative sum of one-hot rows) and writes
        sorted_assignments[expert_offsets[e] + rows of e in chunks < c + rank] = a
-       assignment_rows[a] = that sorted row (-1 for ids outside [0, E)).
+       assignment_rows[a] = that sorted row (-1 for assignments that are not local, below).
    The same programs also write the map from GEMM row blocks to experts, a strided share each:
    expert e owns cdiv(count_e, BLOCK_M) blocks, and block b of the concatenation starts at sorted
    row block_rows[b]. Blocks past the last real one get expert -1, so the GEMMs, launched over a
    static worst-case grid, skip them on the device.
 
+Local expert range: this device holds experts expert_first .. expert_first + E - 1 (expert_first is 0
+on one device; under expert parallelism, jaxmoe/sharding.py, each device holds E of the global
+experts). Every id is read as local = id - expert_first, and an assignment is local iff
+0 <= local < E. A non-local assignment belongs to another device (or is out of range): it gets no
+sorted row and assignment_rows = -1, so the GEMMs never see it, the combine adds nothing for it and
+its routing weight gets a zero gradient. All the outputs (offsets, block map) are in local ids.
+expert_first comes as a 1-element int32 array: jax-triton passes only Python ints as scalars.
+
 Tiling: assignments are read SUB at a time as [SUB, BLOCK_E] one-hot tiles (BLOCK_E >= E, a power of
 two), so counting and ranking are column sums and cumulative sums of small register tiles.
-Ids outside [0, E) have all-zero one-hot rows, so they are dropped. Padding exists only in index
+Non-local assignments have all-zero one-hot rows, so they are dropped. Padding exists only in index
 space: rows of a block past its expert's end are masked by the GEMMs, never copied.
 
 n_assignments, n_chunks and n_blocks follow the token count and are runtime arguments. The tile
@@ -31,28 +39,40 @@ import triton.language as tl
 
 
 @triton.jit
-def _one_hot(ids_ptr, first, n_assignments, E: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
-    """[SUB, BLOCK_E] int32 one-hot rows of assignments first .. first+SUB; invalid rows are all zero."""
-    rows = first + tl.arange(0, SUB)
-    ids = tl.load(ids_ptr + rows, mask=rows < n_assignments, other=-1)
-    experts = tl.arange(0, BLOCK_E)
-    hit = (ids[:, None] == experts[None, :]) & (experts[None, :] < E)
-    return hit.to(tl.int32), rows, ids
+def _is_local(local, E: tl.constexpr):
+    """The local-expert-range rule: an assignment is this device's iff its local id is in [0, E)."""
+    return (local >= 0) & (local < E)
 
 
 @triton.jit
-def _count_chunk(ids_ptr, chunk, n_assignments, E: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                 BLOCK_E: tl.constexpr):
+def _one_hot(ids_ptr, first, n_assignments, expert_first, E: tl.constexpr, SUB: tl.constexpr,
+             BLOCK_E: tl.constexpr):
+    """[SUB, BLOCK_E] int32 one-hot rows (local ids) of assignments first .. first+SUB, the rows, and
+    their local ids; rows of non-local assignments and rows past the end are all zero."""
+    rows = first + tl.arange(0, SUB)
+    in_range = rows < n_assignments
+    local = tl.load(ids_ptr + rows, mask=in_range, other=0) - expert_first
+    local = tl.where(in_range & _is_local(local, E), local, -1)
+    experts = tl.arange(0, BLOCK_E)
+    hit = local[:, None] == experts[None, :]
+    return hit.to(tl.int32), rows, local
+
+
+@triton.jit
+def _count_chunk(ids_ptr, chunk, n_assignments, expert_first, E: tl.constexpr, CHUNK: tl.constexpr,
+                 SUB: tl.constexpr, BLOCK_E: tl.constexpr):
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for sub in range(0, CHUNK, SUB):
-        hit, _, _ = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, E, SUB, BLOCK_E)
+        hit, _, _ = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, expert_first, E, SUB,
+                             BLOCK_E)
         counts += tl.sum(hit, axis=0)
     return counts
 
 
 @triton.jit
 def count_chunks_kernel(
-    ids_ptr,  # [n_assignments] int32
+    ids_ptr,  # [n_assignments] int32, global expert ids
+    expert_first_ptr,  # [1] int32: the first expert of the local range
     n_assignments,
     chunk_counts_ptr,  # [n_chunks, E] int32
     E: tl.constexpr,
@@ -61,22 +81,23 @@ def count_chunks_kernel(
     BLOCK_E: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    counts = _count_chunk(ids_ptr, chunk, n_assignments, E, CHUNK, SUB, BLOCK_E)
+    counts = _count_chunk(ids_ptr, chunk, n_assignments, tl.load(expert_first_ptr), E, CHUNK, SUB, BLOCK_E)
     experts = tl.arange(0, BLOCK_E)
     tl.store(chunk_counts_ptr + chunk * E + experts, counts, mask=experts < E)
 
 
 @triton.jit
 def scatter_kernel(
-    ids_ptr,  # [n_assignments] int32
+    ids_ptr,  # [n_assignments] int32, global expert ids
+    expert_first_ptr,  # [1] int32: the first expert of the local range
     chunk_counts_ptr,  # [n_chunks, E] int32 (unused when SINGLE_CHUNK)
     n_assignments,
     n_chunks,
     n_blocks,  # static worst-case number of row blocks
     sorted_assignments_ptr,  # [n_assignments] int32: assignment at each sorted row
-    assignment_rows_ptr,  # [n_assignments] int32: sorted row of each assignment, -1 if dropped
-    expert_offsets_ptr,  # [E + 1] int32: first sorted row of each expert; [E] = valid assignments
-    block_experts_ptr,  # [n_blocks] int32: expert of each row block, -1 past the end
+    assignment_rows_ptr,  # [n_assignments] int32: sorted row of each assignment, -1 if not local
+    expert_offsets_ptr,  # [E + 1] int32: first sorted row of each local expert; [E] = local assignments
+    block_experts_ptr,  # [n_blocks] int32: local expert of each row block, -1 past the end
     block_rows_ptr,  # [n_blocks] int32: first sorted row of each row block
     E: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -90,10 +111,11 @@ def scatter_kernel(
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     expert_ok = experts < E
+    expert_first = tl.load(expert_first_ptr)
 
     # totals[e]: assignments of expert e; before[e]: those in chunks before this one.
     if SINGLE_CHUNK:
-        totals = _count_chunk(ids_ptr, chunk, n_assignments, E, CHUNK, SUB, BLOCK_E)
+        totals = _count_chunk(ids_ptr, chunk, n_assignments, expert_first, E, CHUNK, SUB, BLOCK_E)
         before = tl.zeros((BLOCK_E,), dtype=tl.int32)
     else:
         totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -109,13 +131,14 @@ def scatter_kernel(
 
     next_row = expert_starts + before
     for sub in range(0, CHUNK, SUB):
-        hit, rows, ids = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, E, SUB, BLOCK_E)
+        hit, rows, local = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, expert_first, E,
+                                    SUB, BLOCK_E)
         rank = tl.cumsum(hit, axis=0) - hit  # earlier rows of the same expert within this tile
         sorted_row = tl.sum(hit * (rank + next_row[None, :]), axis=1)
-        valid = (ids >= 0) & (ids < E)
+        is_local = local >= 0  # _one_hot marked non-local assignments -1
         in_range = rows < n_assignments
-        tl.store(sorted_assignments_ptr + sorted_row, rows.to(tl.int32), mask=in_range & valid)
-        tl.store(assignment_rows_ptr + rows, tl.where(valid, sorted_row, -1), mask=in_range)
+        tl.store(sorted_assignments_ptr + sorted_row, rows.to(tl.int32), mask=in_range & is_local)
+        tl.store(assignment_rows_ptr + rows, tl.where(is_local, sorted_row, -1), mask=in_range)
         next_row += tl.sum(hit, axis=0)
 
     if chunk == 0:

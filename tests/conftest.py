@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# 8 simulated CPU devices for the sharded tests (tests/test_sharding.py); it must be set before jax is
+# first imported, and a device count the caller already chose wins.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import jax
 import jax.numpy as jnp
 import numpy as np

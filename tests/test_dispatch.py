@@ -11,11 +11,12 @@ from jaxmoe import ops
 MODES = ["interpret", pytest.param("triton", marks=pytest.mark.gpu)]
 
 
-def check_dispatch(ids: np.ndarray, E: int, block_m: int, mode: str):
+def check_dispatch(ids: np.ndarray, E: int, block_m: int, mode: str, expert_first: int = 0):
+    """ids are global; the device holds experts [expert_first, expert_first + E), traced under jit."""
     n = ids.size
-    d = jax.jit(lambda i: ops.dispatch(i, E, block_m, mode))(ids.reshape(-1))
+    d = jax.jit(lambda i, first: ops.dispatch(i, E, block_m, mode, first))(ids.reshape(-1), np.int32(expert_first))
     sorted_assignments, assignment_rows, offsets, block_experts, block_rows = (np.asarray(a) for a in d)
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1) - expert_first  # local ids
     valid = (flat >= 0) & (flat < E)
     counts = np.bincount(flat[valid], minlength=E)
 
@@ -64,6 +65,15 @@ def test_many_chunks(mode):
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 4, size=(4500, 2)).astype(np.int32)
     check_dispatch(ids, 4, 32, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, first", [(40, 3), (2300, 4)])  # one launch; several chunks (two launches)
+def test_local_expert_range(mode, T, first):
+    """A device holding global experts [first, first + 4) of 12: assignments to the others are dropped."""
+    rng = np.random.default_rng(T)
+    ids = np.stack([rng.choice(12, size=2, replace=False) for _ in range(T)]).astype(np.int32)
+    check_dispatch(ids, 4, 16, mode, expert_first=first)
 
 
 def test_worst_case_block_bound_is_tight():

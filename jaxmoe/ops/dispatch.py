@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jaxmoe.kernels import dispatch as dispatch_kernels
 from jaxmoe.launch import launch
@@ -17,9 +18,9 @@ class Dispatch(NamedTuple):
     """
 
     sorted_assignments: jax.Array  # [n] int32: assignment at each sorted row (rows past the valid ones unset)
-    assignment_rows: jax.Array  # [n] int32: sorted row of each assignment, -1 where the id was out of range
-    expert_offsets: jax.Array  # [E + 1] int32: first sorted row of each expert; last entry = valid rows
-    block_experts: jax.Array  # [n_blocks] int32: expert of each BLOCK_M row block, -1 for unused blocks
+    assignment_rows: jax.Array  # [n] int32: sorted row of each assignment, -1 where the id is not local
+    expert_offsets: jax.Array  # [E + 1] int32: first sorted row of each local expert; last entry = valid rows
+    block_experts: jax.Array  # [n_blocks] int32: local expert of each BLOCK_M row block, -1 for unused blocks
     block_rows: jax.Array  # [n_blocks] int32: first sorted row of each row block
 
 
@@ -60,9 +61,16 @@ def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
                 BLOCK_TILE=block_tile, SINGLE_CHUNK=single_chunk)
 
 
-def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str) -> Dispatch:
-    """Sorts assignments by expert on the device: one launch for small batches, two otherwise."""
+def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str, expert_first=None) -> Dispatch:
+    """Sorts assignments by expert on the device: one launch for small batches, two otherwise.
+
+    The device holds experts [expert_first, expert_first + E) (expert_first: a traced or Python int,
+    None for 0); ids outside that range are not local and are dropped (kernels/dispatch.py). Every
+    output is in local expert ids.
+    """
     n = flat_ids.shape[0]
+    # A 1-element array because jax-triton passes only Python ints as scalars; 0 is a constant.
+    expert_first = jnp.zeros((1,), _I32) if expert_first is None else jnp.reshape(expert_first, (1,)).astype(_I32)
     n_blocks = max_row_blocks(n, E, block_m)
     tiles = _tiles(n, E, block_m)
     single_chunk = tiles["SINGLE_CHUNK"]
@@ -73,11 +81,11 @@ def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str) -> Dispatch:
         chunk_counts = flat_ids  # not read
     else:
         count_tiles = {key: tiles[key] for key in ("E", "CHUNK", "SUB", "BLOCK_E")}
-        (chunk_counts,) = launch(dispatch_kernels.count_chunks_kernel, flat_ids, n, grid=(n_chunks,), mode=mode,
-                                 out_shapes=[_out((n_chunks, E), _I32)], **count_tiles)
+        (chunk_counts,) = launch(dispatch_kernels.count_chunks_kernel, flat_ids, expert_first, n, grid=(n_chunks,),
+                                 mode=mode, out_shapes=[_out((n_chunks, E), _I32)], **count_tiles)
     outs = launch(
-        dispatch_kernels.scatter_kernel, flat_ids, chunk_counts, n, n_chunks, n_blocks, grid=(n_chunks,),
-        mode=mode, num_warps=8 if single_chunk else 4,
+        dispatch_kernels.scatter_kernel, flat_ids, expert_first, chunk_counts, n, n_chunks, n_blocks,
+        grid=(n_chunks,), mode=mode, num_warps=8 if single_chunk else 4,
         out_shapes=[_out((n,), _I32), _out((n,), _I32), _out((E + 1,), _I32), _out((n_blocks,), _I32),
                     _out((n_blocks,), _I32)], **tiles)
     return Dispatch(*outs)

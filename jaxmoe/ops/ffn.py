@@ -54,7 +54,7 @@ def _config(options: _FFNOptions, dtype, T: int, k: int, E: int, d: int, f: int)
     return cfg.with_backward(name)
 
 
-def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options: _FFNOptions, keep: bool):
+def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, expert_first, options: _FFNOptions, keep: bool):
     """y, and (disp, hgu) when keep (hgu as in Residuals; without keep the gated GEMM writes h alone)."""
     T, d = x.shape
     k = ids.shape[1]
@@ -62,7 +62,9 @@ def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options: _FFNOptions, ke
     cfg = _config(options, x.dtype, T, k, E, d, f)
     mode = options.mode
     row_weights = weights.reshape(-1).astype(_F32)
-    disp = dispatch(ids.reshape(-1), E, cfg.block_m, mode)
+    # Everything after the dispatch sees only local assignments (kernels/dispatch.py): the rest of the
+    # forward and the whole backward reuse disp, so non-local assignments get no rows and no gradient.
+    disp = dispatch(ids.reshape(-1), E, cfg.block_m, mode, expert_first)
     common = dict(disp=disp, top_k=k, block_m=cfg.block_m, precision=options.precision, mode=mode)
     hgu = grouped_gemm(x, w_gate, w_up, row_weights, gemm=cfg.gate_up, gather_a=True, gated=True,
                        scale_rows=False, store_preact=keep, out_dtype=x.dtype, **common)
@@ -74,13 +76,13 @@ def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options: _FFNOptions, ke
     return combine(rows, disp.assignment_rows, T, k, x.dtype, mode), disp, hgu
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused_expert_ffn(x, weights, ids, w_gate, w_up, w_down, options):
-    return _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options, keep=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first, options):
+    return _ffn_forward(x, weights, ids, w_gate, w_up, w_down, expert_first, options, keep=False)[0]
 
 
-def _fused_expert_ffn_fwd(x, weights, ids, w_gate, w_up, w_down, options):
-    y, disp, hgu = _ffn_forward(x, weights, ids, w_gate, w_up, w_down, options, keep=True)
+def _fused_expert_ffn_fwd(x, weights, ids, w_gate, w_up, w_down, expert_first, options):
+    y, disp, hgu = _ffn_forward(x, weights, ids, w_gate, w_up, w_down, expert_first, options, keep=True)
     return y, Residuals(x, weights, w_gate, w_up, w_down, disp, hgu)
 
 
@@ -107,17 +109,23 @@ def _fused_expert_ffn_bwd(options, res: Residuals, d_y):
                                scale_b=False, two_outputs=True, cfg=cfg.dw, out_dtype=w_gate.dtype, **common)
     (d_down,) = weight_grad(hgu, d_y, row_weights, disp, E=E, m_out=f, n_out=d, gather_a=False, gather_b=True,
                             scale_b=True, two_outputs=False, cfg=cfg.dw, out_dtype=w_down.dtype, **common)
-    return d_x, d_weights.astype(weights.dtype), None, d_gate, d_up, d_down
+    return d_x, d_weights.astype(weights.dtype), None, d_gate, d_up, d_down, None
 
 
 _fused_expert_ffn.defvjp(_fused_expert_ffn_fwd, _fused_expert_ffn_bwd)
 
 
-def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, mode: str = "triton",
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, *, mode: str = "triton",
                config: configs.MoEConfig | None = None):
-    """`jaxmoe.expert_ffn` through the Triton kernels, forward and backward (arguments already validated)."""
+    """`jaxmoe.expert_ffn` through the Triton kernels, forward and backward (arguments already validated).
+
+    The expert weights hold experts [expert_first, expert_first + E) of a larger set (expert_first: an
+    int or a traced int32 scalar; 0 on one device). An assignment whose id is outside that range
+    belongs to another device: it contributes zero to y and its routing weight gets a zero gradient.
+    """
     T, d = x.shape
     if T == 0:  # nothing to launch; gradients of inputs the result does not touch are zeros
         return jnp.zeros((0, d), x.dtype)
     options = _FFNOptions(mode, config, dot_precision(x.dtype, mode))
-    return _fused_expert_ffn(x, weights, ids, w_gate, w_up, w_down, options)
+    expert_first = jnp.asarray(expert_first, jnp.int32)
+    return _fused_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first, options)

@@ -1,0 +1,209 @@
+"""Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`.
+
+Everything goes through JAX's own sharding (a Mesh, `jax.shard_map`, XLA collectives); the per-device
+work is the single-device pipeline (`reference.route_tokens`, the implementation's expert FFN,
+`reference.router_stats`), so the fused kernels run on every device, forward and backward.
+
+Layout. x, flattened to [T, d], is split over the token axes: data_axis and expert_axis together (the
+expert-parallel devices split the batch too, as in GShard and DeepSpeed-MoE, so no token is routed
+twice). w_gate, w_up and w_down are split on E over expert_axis (replicated over data_axis); the
+router weight and the bias are replicated.
+
+Per device (T_l local tokens, P devices on expert_axis, E_l = E / P local experts):
+1. router logits and routing of the local tokens, with global expert ids;
+2. a padded all_to_all over expert_axis: every device of the group receives all T_l tokens of every
+   other (x, ids and routing weights), P * T_l rows;
+3. the expert FFN on those rows with the local expert range [axis_index * E_l, (axis_index + 1) * E_l):
+   assignments to other devices' experts give no row, zero output and zero weight gradient here
+   (`reference.is_local`, and its twin in kernels/dispatch.py);
+4. the reverse all_to_all returns each device's partial outputs for my tokens, [P, T_l, d], summed in
+   the fixed order p = 0..P-1 in float32 and rounded once to x's dtype;
+5. the aux losses: per-device RouterStats (integer counts, float sums) are psum'd over the token axes
+   and only then go through `reference.finalize_aux`, the one formula, so they equal the unsharded
+   losses (the float sums are tiny [E] reductions; their order is XLA's all-reduce's).
+
+Why a padded all_to_all rather than jax.lax.ragged_all_to_all: shapes stay static (no host sync, no
+count exchange before the payload), and T_l rows per destination is a true worst-case bound (a token
+goes at most once to each device, whatever its k experts are), so nothing is ever dropped. The padding
+is also small where expert parallelism is used: with top-k routing over P devices the expected share
+of (token, device) pairs that carry work is 1 - (1 - 1/P)^k, e.g. 0.90 for k = 8 and P = 4, 0.66 for
+k = 8 and P = 8. Each token is sent to each device once, with its k ids; the receiver picks its own.
+
+Sums of outputs and gradients over devices are written out as ordered float32 adds (`_ordered_sum`),
+never psum or an XLA reduce, so results are bitwise reproducible and rounded once. The gradients of
+the replicated weights (router, bias, and the expert weights over data_axis) are psum'd by
+shard_map's transpose, as for any replicated parameter.
+
+shard_map runs with check_vma=False: jax-triton's kernel call and jax.pure_callback (the interpreter)
+carry no varying-manual-axes types, so JAX cannot type the kernels' outputs. Without the check,
+shard_map's transpose still sums the cotangent of each replicated input over the axes it is
+replicated on (tests/test_sharding.py holds every gradient against one device).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jaxmoe import _validate, reference
+
+
+def normalize_axes(mesh, expert_axis, data_axis) -> tuple[str | None, tuple[str, ...]]:
+    """(expert_axis, data_axes) after type checks; data_axis may name one axis or a sequence of them.
+
+    With a mesh, the names must be its axes; without one they are checked where the mesh is known.
+    """
+    if expert_axis is not None and not isinstance(expert_axis, str):
+        raise TypeError(f"expert_axis must be None or a mesh axis name (str), got {type(expert_axis).__name__}")
+    if data_axis is None:
+        data_axes = ()
+    elif isinstance(data_axis, str):
+        data_axes = (data_axis,)
+    elif isinstance(data_axis, Sequence) and all(isinstance(a, str) for a in data_axis):
+        data_axes = tuple(data_axis)
+    else:
+        raise TypeError(f"data_axis must be None, a mesh axis name or a sequence of them, got {data_axis!r}")
+    if expert_axis is not None and expert_axis in data_axes:
+        raise ValueError(f"expert_axis={expert_axis!r} is also in data_axis={data_axis!r}; each mesh axis "
+                         f"is either expert-parallel or data-parallel")
+    if len(set(data_axes)) != len(data_axes):
+        raise ValueError(f"data_axis names an axis twice: {data_axis!r}")
+    if mesh is not None:
+        if expert_axis is None and not data_axes:
+            raise ValueError("mesh= needs expert_axis and/or data_axis: the mesh axes to split experts and "
+                             "tokens over")
+        for name, axis in [("expert_axis", expert_axis)] + [("data_axis", a) for a in data_axes]:
+            if axis is not None and axis not in mesh.axis_names:
+                raise ValueError(f"{name}={axis!r} is not an axis of the mesh, whose axes are {mesh.axis_names}")
+    return expert_axis, data_axes
+
+
+def _current_mesh(expert_axis, data_axes):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError(f"expert_axis={expert_axis!r} and data_axis={data_axes or None!r} name mesh axes, but "
+                         f"there is no mesh: pass mesh= or call under jax.set_mesh(mesh)")
+    return mesh
+
+
+def _explicit_axes(mesh) -> set[str]:
+    return {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
+
+
+def _explicit_reshard(a, mesh, spec: P):
+    """Under Explicit mesh axes, shard_map needs its inputs already laid out as in_specs say; Auto axes
+    it reshards itself (and jax.sharding.reshard takes Explicit axes only)."""
+    explicit = _explicit_axes(mesh)
+    if a is None or not explicit:
+        return a
+
+    def keep(entry):
+        names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in explicit)
+        return names or None
+
+    return jax.sharding.reshard(a, NamedSharding(mesh, P(*(keep(e) for e in spec))))
+
+
+def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
+                route_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
+    """`reference.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
+    d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
+    expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
+    if mesh is None:
+        mesh = _current_mesh(expert_axis, data_axes)
+        normalize_axes(mesh, expert_axis, data_axis)
+    token_axes = (*data_axes, *([expert_axis] if expert_axis else []))
+    shards = math.prod(mesh.shape[a] for a in token_axes)
+    P_e = mesh.shape[expert_axis] if expert_axis else 1
+    if E % P_e:
+        raise ValueError(f"expert_axis={expert_axis!r} has size {P_e}, which does not divide the E={E} experts "
+                         f"(w_gate [E, d, f] = {w_gate.shape}): each device must hold E / {P_e} of them")
+    lead = x.shape[:-1]
+    T = math.prod(lead)
+    if T % shards:
+        sizes = " and ".join(f"{name}={a!r} (size {mesh.shape[a]})"
+                             for name, a in [("data_axis", a) for a in data_axes] + [("expert_axis", expert_axis)]
+                             if a)
+        raise ValueError(f"T={T} tokens (x {x.shape} flattened to [T, d]) do not split evenly over the {shards} "
+                         f"devices of {sizes}")
+    if T == 0:  # nothing to distribute
+        return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
+                                      renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                      expert_ffn_fn=expert_ffn_fn)
+
+    def local(x_l, router_weight, w_gate, w_up, w_down, bias):
+        logits, routing = reference.route_tokens(x_l, router_weight, top_k=top_k, scoring=scoring,
+                                                 renormalize=renormalize, bias=bias, route_fn=route_fn)
+        if expert_axis is None:
+            y = expert_ffn_fn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down)
+        else:
+            y = _expert_parallel_ffn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down,
+                                     expert_axis=expert_axis, devices=P_e, expert_ffn_fn=expert_ffn_fn)
+        stats = jax.lax.psum(reference.router_stats(logits, routing, E), token_axes)
+        return y, reference.finalize_aux(stats, top_k)
+
+    tokens = P(token_axes, None)
+    experts = P(expert_axis)  # P(None) when only data-parallel: replicated
+    in_specs = (tokens, P(), experts, experts, experts, None if bias is None else P())
+    out_specs = (tokens, reference.MoEAux(P(), P(), P()))
+    args = (x.reshape(T, d), router_weight, w_gate, w_up, w_down, bias)
+    args = [_explicit_reshard(a, mesh, spec) for a, spec in zip(args, in_specs)]
+    y, aux = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+    if len(lead) == 1:
+        return y, aux
+    # Under Explicit axes a reshape that splits the sharded token dim needs its output sharding named:
+    # y takes x's. Under Auto axes XLA picks.
+    out_sharding = jax.typeof(x).sharding if _explicit_axes(mesh) else None
+    return jnp.reshape(y, (*lead, d), out_sharding=out_sharding), aux
+
+
+def _expert_parallel_ffn(x, weights, ids, w_gate, w_up, w_down, *, expert_axis: str, devices: int,
+                         expert_ffn_fn: Callable):
+    """Inside shard_map: this device's tokens through the experts of every device of expert_axis."""
+    T_l, d = x.shape
+    k = ids.shape[1]
+
+    def exchange(a):
+        # [devices * T_l, ...]: block p goes to device p, and block p of the result came from device p.
+        return jax.lax.all_to_all(a, expert_axis, 0, 0, tiled=True)
+
+    # Every device gets every local token once, at its own index: no sort, and T_l rows per destination
+    # bound any routing.
+    recv_x = exchange(_replicate(x, devices).reshape(devices * T_l, d))
+    recv_weights = exchange(_replicate(weights, devices).reshape(devices * T_l, k))
+    recv_ids = exchange(jnp.broadcast_to(ids, (devices, T_l, k)).reshape(devices * T_l, k))
+    expert_first = jax.lax.axis_index(expert_axis).astype(jnp.int32) * w_gate.shape[0]
+    rows = expert_ffn_fn(recv_x, recv_weights, recv_ids, w_gate, w_up, w_down, expert_first)
+    partials = exchange(rows).reshape(devices, T_l, d)  # partials[p]: device p's experts' share of my tokens
+    return _ordered_sum(partials).astype(x.dtype)
+
+
+def _ordered_sum(parts: jax.Array) -> jax.Array:
+    """sum over axis 0 in float32, added in the order p = 0, 1, ...: the same bits every run."""
+    total = parts[0].astype(jnp.float32)
+    for p in range(1, parts.shape[0]):
+        total = total + parts[p].astype(jnp.float32)
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _replicate(a: jax.Array, n: int) -> jax.Array:
+    """a broadcast to [n, *a.shape]. Its VJP sums the n cotangents with `_ordered_sum` (autodiff's
+    own transpose of a broadcast is an XLA reduce, whose order is the backend's choice)."""
+    return jnp.broadcast_to(a, (n, *a.shape))
+
+
+def _replicate_fwd(a, n):
+    return _replicate(a, n), None
+
+
+def _replicate_bwd(n, _, grad):
+    return (_ordered_sum(grad).astype(grad.dtype),)
+
+
+_replicate.defvjp(_replicate_fwd, _replicate_bwd)
