@@ -9,6 +9,13 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# JAXMOE_SPREAD_GPUS=N spreads pytest-xdist workers over N GPUs, one each (worker gwK takes GPU K mod N):
+# the GPU tests mostly compile kernels, CPU work that several processes share out, while the tests'
+# memory then splits over the cards (benchmarks/GPU.md).
+if os.environ.get("JAXMOE_SPREAD_GPUS") and os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(worker % int(os.environ["JAXMOE_SPREAD_GPUS"]))
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -253,3 +253,52 @@ def test_demo_trains_with_triton_like_xla():
     assert abs(a[0] - b[0]) < 1e-3
     assert np.mean(np.abs(a - b)) < 0.03
     assert abs(triton["final_loss"] - xla["final_loss"]) < 0.03
+
+
+# ------------------------------------------------------------------------------- several GPUs
+
+
+def _sharded_value_and_grads(args, g, k, mesh, **axes):
+    """(y, aux) and the gradients of <y, g> + the aux losses in x, router and the expert weights."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def loss(x, rw, wg, wu, wd):
+        y, aux = jaxmoe.moe(x, rw, wg, wu, wd, top_k=k, implementation="triton", mesh=mesh, **axes)
+        return jnp.sum(y.astype(jnp.float32) * g) + aux.load_balancing_loss + aux.router_z_loss, (y, aux)
+
+    if mesh is not None:
+        token_axes = tuple(a for a in (axes.get("data_axis"), axes.get("expert_axis")) if a)
+        experts = NamedSharding(mesh, P(axes.get("expert_axis")))
+        args = jax.device_put(args, (NamedSharding(mesh, P(token_axes)), NamedSharding(mesh, P()), experts, experts,
+                                     experts))
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(*args)
+    return out, grads
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dp, ep", [(1, 2), (2, 1)])
+def test_two_gpus_match_one(dp, ep, dtype):
+    """Expert parallelism (ep = 2) and data parallelism (dp = 2) over 2 GPUs, with the Triton kernels on
+    each: output, aux losses and every gradient equal one GPU's; and the sharded step is bitwise
+    reproducible."""
+    E, k, d, f, T = (8, 2, 256, 384, 512) if dtype == jnp.float32 else (64, 6, 2048, 1408, 4096)
+    p = Problem(16, T, d, f, E, k, dtype=dtype)
+    router = (jax.random.normal(jax.random.key(8), (d, E)) / np.sqrt(d)).astype(dtype)
+    g = jax.random.normal(jax.random.key(9), (T, d), jnp.float32)
+    args = (p.x, router, p.w_gate, p.w_up, p.w_down)
+    mesh = jax.make_mesh((dp, ep), ("data", "expert"), devices=jax.devices()[:2])
+    axes = dict(data_axis="data" if dp > 1 else None, expert_axis="expert" if ep > 1 else None)
+    with jax.default_matmul_precision("highest"):
+        (y, aux), grads = _sharded_value_and_grads(args, g, k, mesh, **axes)
+        (y1, aux1), grads1 = _sharded_value_and_grads(args, g, k, None)
+        (y_again, _), grads_again = _sharded_value_and_grads(args, g, k, mesh, **axes)
+    assert_close(y, y1, dtype)
+    np.testing.assert_array_equal(aux.expert_counts, aux1.expert_counts)
+    assert_close(aux.load_balancing_loss, aux1.load_balancing_loss, jnp.float32)
+    for name, a, b in zip(("x", "router_weight", "w_gate", "w_up", "w_down"), grads, grads1):
+        err = rel_err(a, b)
+        print(f"d{name}: {err:.3g}")
+        assert err <= TOLERANCE[jnp.dtype(dtype)], f"d{name}: {err:.3g}"
+    for a, b in zip((y, *grads), (y_again, *grads_again)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
