@@ -275,19 +275,20 @@ def _sharded_value_and_grads(args, g, k, mesh, **axes):
     return out, grads
 
 
-@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("dp, ep", [(1, 2), (2, 1)])
-def test_two_gpus_match_one(dp, ep, dtype):
-    """Expert parallelism (ep = 2) and data parallelism (dp = 2) over 2 GPUs, with the Triton kernels on
-    each: output, aux losses and every gradient equal one GPU's; and the sharded step is bitwise
-    reproducible."""
+@pytest.mark.parametrize("dp, ep", [(1, 2), (2, 1), (1, 4), (2, 2)])
+def test_several_gpus_match_one(dp, ep, dtype):
+    """Expert parallelism (degree ep) with data parallelism (degree dp) over dp * ep GPUs, with the
+    Triton kernels on each: output, aux losses and every gradient equal one GPU's; and the sharded
+    step is bitwise reproducible."""
+    if jax.device_count() < dp * ep:
+        pytest.skip(f"needs {dp * ep} GPUs")
     E, k, d, f, T = (8, 2, 256, 384, 512) if dtype == jnp.float32 else (64, 6, 2048, 1408, 4096)
     p = Problem(16, T, d, f, E, k, dtype=dtype)
     router = (jax.random.normal(jax.random.key(8), (d, E)) / np.sqrt(d)).astype(dtype)
     g = jax.random.normal(jax.random.key(9), (T, d), jnp.float32)
     args = (p.x, router, p.w_gate, p.w_up, p.w_down)
-    mesh = jax.make_mesh((dp, ep), ("data", "expert"), devices=jax.devices()[:2])
+    mesh = jax.make_mesh((dp, ep), ("data", "expert"), devices=jax.devices()[:dp * ep])
     axes = dict(data_axis="data" if dp > 1 else None, expert_axis="expert" if ep > 1 else None)
     with jax.default_matmul_precision("highest"):
         (y, aux), grads = _sharded_value_and_grads(args, g, k, mesh, **axes)
