@@ -89,10 +89,8 @@ def _sequential_ragged_dot(precision, preferred_element_type):
                                             preferred_element_type=preferred_element_type)
 
     def dot_transposes(lhs, rhs, group_sizes, d_out):
-        # ragged_dot is linear in each operand: its VJP is the two transposes, with no forward recomputed.
-        (d_lhs,) = jax.linear_transpose(lambda a: dot(a, rhs, group_sizes), lhs)(d_out)
-        (d_rhs,) = jax.linear_transpose(lambda b: dot(lhs, b, group_sizes), rhs)(d_out)
-        return d_lhs, d_rhs
+        # The VJP of the reference's grouped GEMM, with no forward recomputed.
+        return reference.ragged_dot_transposes(lhs, rhs, group_sizes, d_out, precision=precision)
 
     per_element_dot = jax.custom_batching.sequential_vmap(dot)
     per_element_transposes = jax.custom_batching.sequential_vmap(dot_transposes)

@@ -63,39 +63,104 @@ def _expert_counts(flat_ids: jax.Array, E: int) -> jax.Array:
     return jnp.zeros(E + 1, jnp.int32).at[bins].add(1)[:E]  # integer adds: order cannot matter
 
 
-def masked_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
-    """`jax.lax.ragged_dot` as one dense dot per group whose rows of other groups are selected away.
-
-    XLA's CPU ragged_dot multiplies the rows of other groups (zeros) by each group's weights, so an
-    Inf or NaN in one expert's weights (0 * Inf = NaN) reached every token. Selecting (not multiplying)
-    both the group's input rows and its output rows keeps a non-finite value to the rows it touches,
-    forward and backward. The cost is one dense dot per group: acceptable on CPU, where this is used.
-    """
-    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
+def _group_rows(group_sizes, n_rows: int, g):
+    """[n_rows, 1] bool: the rows of group g (groups hold consecutive rows, in order)."""
     starts = jnp.cumsum(group_sizes) - group_sizes
-    rows = jnp.arange(lhs.shape[0])
-    out_dtype = preferred_element_type or lhs.dtype
+    rows = jnp.arange(n_rows)
+    return ((rows >= starts[g]) & (rows < starts[g] + group_sizes[g]))[:, None]
+
+
+def _masked_rows_dot(lhs, rhs, group_sizes, precision, out_dtype):
+    """out [M, N] = lhs_g @ rhs[g] for each group's rows, the rows of other groups selected away."""
 
     def one_group(g, out):
-        mine = ((rows >= starts[g]) & (rows < starts[g] + group_sizes[g]))[:, None]
+        mine = _group_rows(group_sizes, lhs.shape[0], g)
         part = jnp.dot(jnp.where(mine, lhs, 0), rhs[g], precision=precision, preferred_element_type=out_dtype)
         return jnp.where(mine, part, out)
 
     return jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype))
 
 
-def default_ragged_dot(lhs, rhs, group_sizes, **kwargs):
-    """jax.lax.ragged_dot where that keeps Inf and NaN in their own rows, else masked_ragged_dot.
+def _masked_transposes(lhs, rhs, group_sizes, dout, precision):
+    """(dlhs, drhs) of _masked_rows_dot: dout @ rhs[g]^T and lhs_g^T @ dout_g, rows of other groups
+    selected away, in the cotangent's dtype as autodiff of the dots would compute them."""
+    acc = jnp.promote_types(dout.dtype, lhs.dtype)
+    dlhs = _masked_rows_dot(dout, jnp.swapaxes(rhs, 1, 2).astype(acc), group_sizes, precision, acc)
 
-    On CPU, always masked_ragged_dot. On GPUs, XLA's ragged_dot lets a non-finite weight of one group
-    reach the rows of every other group (seen on an H200: one NaN in one expert's w_up made every
-    token's output NaN), so it runs only while every weight is finite, and masked_ragged_dot, one
-    dense dot per group, takes over otherwise. The check reads the weights once more.
+    def one_group(g, drhs):
+        mine = _group_rows(group_sizes, lhs.shape[0], g)
+        part = jnp.dot(jnp.where(mine, lhs, 0).astype(acc).T, jnp.where(mine, dout, 0), precision=precision,
+                       preferred_element_type=acc)
+        return drhs.at[g].set(part.astype(rhs.dtype))
+
+    drhs = jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros(rhs.shape, rhs.dtype))
+    return dlhs.astype(lhs.dtype), drhs
+
+
+def _lax_transposes(lhs, rhs, group_sizes, dout, precision):
+    """(dlhs, drhs) of jax.lax.ragged_dot: it is linear in each operand, so its VJP is two transposes."""
+    dot = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes, precision=precision,
+                            preferred_element_type=dout.dtype)
+    (dlhs,) = jax.linear_transpose(lambda a: dot(a, rhs), lhs)(dout)
+    (drhs,) = jax.linear_transpose(lambda b: dot(lhs, b), rhs)(dout)
+    return dlhs, drhs
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _all_finite(rhs):
+    return jnp.isfinite(rhs).all()
+
+
+def _forward(lhs, rhs, group_sizes, precision, out_dtype):
+    if _on_cpu():
+        return _masked_rows_dot(lhs, rhs, group_sizes, precision, out_dtype)
+    lax_dot = functools.partial(jax.lax.ragged_dot, precision=precision, preferred_element_type=out_dtype)
+    masked = functools.partial(_masked_rows_dot, precision=precision, out_dtype=out_dtype)
+    return jax.lax.cond(_all_finite(rhs), lax_dot, masked, lhs, rhs, group_sizes)
+
+
+def ragged_dot_transposes(lhs, rhs, group_sizes, dout, *, precision=None):
+    """(dlhs, drhs) of default_ragged_dot for the cotangent dout: its VJP, with no forward recomputed."""
+    if _on_cpu():
+        return _masked_transposes(lhs, rhs, group_sizes, dout, precision)
+    return jax.lax.cond(_all_finite(rhs), functools.partial(_lax_transposes, precision=precision),
+                        functools.partial(_masked_transposes, precision=precision), lhs, rhs, group_sizes, dout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ragged_dot(lhs, rhs, group_sizes, precision, out_dtype):
+    return _forward(lhs, rhs, group_sizes, precision, out_dtype)
+
+
+def _ragged_dot_fwd(lhs, rhs, group_sizes, precision, out_dtype):
+    return _forward(lhs, rhs, group_sizes, precision, out_dtype), (lhs, rhs, group_sizes)
+
+
+def _ragged_dot_bwd(precision, out_dtype, residuals, dout):
+    return (*ragged_dot_transposes(*residuals, dout, precision=precision), None)
+
+
+_ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
+def default_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):
+    """The reference's grouped GEMM: `jax.lax.ragged_dot` where that keeps Inf and NaN in their own rows.
+
+    XLA's ragged_dot multiplies the rows of other groups (zeros) by each group's weights, so an Inf or
+    NaN in one expert's weights (0 * Inf = NaN) would reach every token. The masked form
+    (_masked_rows_dot) selects, rather than multiplies, both the group's input rows and its output
+    rows, which keeps a non-finite value to the rows it touches, at one dense dot per group.
+    On CPU it is always the masked form. On GPUs XLA's ragged_dot also lets a non-finite
+    weight of one group reach the rows of every other group (seen on an H200: one NaN in one expert's
+    w_up made every token's output NaN), so it runs only while every weight is finite and the masked
+    form takes over otherwise (the check reads the weights once more). The VJP is written out
+    (ragged_dot_transposes), so reverse mode keeps only the operands, never per-group copies.
     """
-    if jax.default_backend() == "cpu":
-        return masked_ragged_dot(lhs, rhs, group_sizes, **kwargs)
-    return jax.lax.cond(jnp.isfinite(rhs).all(), functools.partial(jax.lax.ragged_dot, **kwargs),
-                        functools.partial(masked_ragged_dot, **kwargs), lhs, rhs, group_sizes)
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    return _ragged_dot(lhs, rhs, jnp.asarray(group_sizes), precision, jnp.dtype(preferred_element_type or lhs.dtype))
 
 
 def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, *,
