@@ -1,26 +1,48 @@
 # Two commands for a newcomer: `make demo` and `make test`. Each creates or reuses .venv (Python 3.12)
 # and installs the project into it, editable, with what that command needs.
+#
+# `make test` runs the suite twice: in .venv on the newest releases, and in .venv-gpu-image on the GPU
+# machine's stack, pinned in .ci/gpu-image.txt (which pyproject's floors equal), so a change cannot
+# pass CI and break on the GPU. `make test-newest` and `make test-gpu-image` run one of them.
 PYTHON ?= $(shell command -v python3.12 2>/dev/null || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+GPU_IMAGE := .ci/gpu-image.txt
+GPU_VENV := .venv-gpu-image
+PYTEST := -m pytest -q -n 2 --durations=10 $(PYTEST_ARGS)
 
-.PHONY: demo test bench gate clean
+.PHONY: demo test test-newest test-gpu-image bench gate clean
+
+# $(1): the venv; $(2): the extra; $(3): more pip options
+define install
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"jaxmoe needs Python >= 3.12, found {sys.version.split()[0]} at {sys.executable}; set PYTHON=..."'
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(3) -e ".[$(2)]"
+	@touch $(1)/.installed-$(2)
+endef
 
 $(VENV)/.installed-%: pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"jaxmoe needs Python >= 3.12, found {sys.version.split()[0]} at {sys.executable}; set PYTHON=..."'
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$*]"
-	@touch $@
+	$(call install,$(VENV),$*,)
+
+$(GPU_VENV)/.installed-test: pyproject.toml $(GPU_IMAGE)
+	$(call install,$(GPU_VENV),test,-c $(GPU_IMAGE))
 
 demo: $(VENV)/.installed-test
 	$(PY) -m jaxmoe.demo
 
-test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 --durations=10 $(PYTEST_ARGS)
+test: test-newest test-gpu-image
+
+test-newest: $(VENV)/.installed-test
+	@echo "== the test suite on the newest releases ($(VENV))"
+	$(PY) $(PYTEST)
+
+test-gpu-image: $(GPU_VENV)/.installed-test
+	@echo "== the test suite on the GPU image's stack ($(GPU_VENV), $(GPU_IMAGE))"
+	$(GPU_VENV)/bin/python $(PYTEST)
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.moe $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info

@@ -49,7 +49,7 @@ import argparse
 import datetime
 import functools
 import gc
-import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -85,10 +85,12 @@ def log(msg: str = "") -> None:
 # Environment
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    # Read from the installed metadata, not by importing: a first `import jax_triton` (0.3.x) in this
+    # process would leave Triton without a cache dir (see jaxmoe/launch.py).
     try:
-        return str(getattr(importlib.import_module(module), "__version__", "?"))
-    except Exception:  # not installed, or broken on this machine
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return "n/a"
 
 

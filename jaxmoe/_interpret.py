@@ -102,6 +102,16 @@ def _interpreter_language():
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
+    # Triton 3.6's interpreter turns a scalar into an index with int() of a one-element array, which
+    # numpy 2.4 made an error (newer Triton squeezes the array first). Every _patch_lang call, ours
+    # and the one each launch makes, goes through _patch_lang_tensor, so the index is fixed there.
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor(tensor, patch_scope):
+        original_patch_tensor(tensor, patch_scope)
+        patch_scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_tensor
     anchor = types.FunctionType(_anchor.__code__, {"tl": tl, "core": tl.core})  # globals _patch_lang scans
     scope = interpreter._patch_lang(anchor)
     original_call = JITFunction.__call__
@@ -128,8 +138,8 @@ def _interpreter_language():
     finally:
         builder.create_dot, builder.cast_impl = original_dot, original_cast
         JITFunction.__call__ = original_call
-        if scope is not None:  # triton versions whose patches cannot be undone return None
-            scope.restore()
+        interpreter._patch_lang_tensor = original_patch_tensor
+        scope.restore()
 
 
 def _anchor():

@@ -20,7 +20,9 @@ def _triton_gpu_available() -> bool:
     try:
         if jax.default_backend() != "gpu":
             return False
-        import jax_triton  # noqa: F401
+        from jaxmoe import launch
+
+        launch._jax_triton()  # the import that keeps Triton's cache dir (see there)
     except Exception:
         return False
     return True

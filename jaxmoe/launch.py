@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 from typing import Sequence
 
 import jax
@@ -29,7 +30,20 @@ from jaxmoe import _interpret
 
 @functools.cache
 def _jax_triton():
-    import jax_triton
+    """jax_triton and its output keyword. Every import of jax_triton in jaxmoe goes through here."""
+    # jax-triton 0.3.x sets TRITON_CACHE_DIR to "" as it loads, even when the import then fails (as on
+    # a CPU), and every later triton.compile in the process fails ("Could not create or locate cache
+    # dir"); 0.4.x deletes the variable, dropping a user's choice. jax-triton compiles without that
+    # cache, so the variable is put back as it was. jax_triton.triton_lib, which does this, stays
+    # loaded even when the import fails, so a later `import jax_triton` does not run it again.
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    try:
+        import jax_triton
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
 
     # jax-triton 0.3.x names the outputs `out_shape`; 0.4.x renamed it `out_type`.
     params = inspect.signature(jax_triton.triton_call).parameters

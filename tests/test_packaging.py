@@ -1,10 +1,17 @@
 """The wheel ships jaxmoe with its kernels as jaxmoe.kernels, and never a top-level `kernels` module
-(that name belongs to Hugging Face's package, which transformers probes for)."""
+(that name belongs to Hugging Face's package, which transformers probes for). The dependency floors
+are the tested GPU-image stack; jaxmoe installs without triton and never breaks later Triton compiles."""
 
+import os
 import pathlib
 import subprocess
 import sys
+import tomllib
 import zipfile
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -62,3 +69,65 @@ else:
     raise AssertionError("interpret ran without triton")
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_floors_are_the_pinned_gpu_image_stack():
+    """Every floor of what `pip install 'jaxmoe[gpu]'` installs is the version .ci/gpu-image.txt pins,
+    the stack `make test` runs the suite on: the floors resolve together and are tested."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for line in project["dependencies"] + project["optional-dependencies"]["gpu"]:
+        req = Requirement(line)
+        (spec,) = req.specifier  # a floor and nothing else: the newest releases are tested too
+        assert spec.operator == ">=", line
+        floors[canonicalize_name(req.name)] = Version(spec.version)
+    pins = {}
+    for line in (REPO / ".ci" / "gpu-image.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = Version(spec.version)
+    assert {"jax", "jaxlib", "flax", "triton", "jax-triton", "numpy"} <= pins.keys()
+    assert floors == {name: pins.get(name) for name in floors}, (floors, pins)
+
+
+def test_jax_triton_imports_leave_triton_able_to_compile(tmp_path):
+    """jax-triton 0.3.x empties TRITON_CACHE_DIR as it loads, even where the import then fails (a CPU),
+    and every later triton.compile in the process fails. After importing jaxmoe and every path that
+    imports jax_triton (the GPU probe, the benchmark's version header, the import "triton" mode makes,
+    then a user's own `import jax_triton`), Triton still compiles, into the cache dir that was set, and
+    "interpret" runs."""
+    code = f"""
+import os
+import jax, jax.numpy as jnp
+import numpy as np
+import jaxmoe
+from jaxmoe import launch, portability
+from benchmarks import moe as bench
+
+jaxmoe.resolve_implementation(None)
+bench.environment()
+for load in (launch._jax_triton, lambda: __import__("jax_triton")):
+    try:
+        load()
+    except ImportError:  # a CPU jaxlib has no GPU Triton support
+        pass
+assert os.environ.get("TRITON_CACHE_DIR") == {str(tmp_path)!r}, os.environ.get("TRITON_CACHE_DIR")
+
+record = next(r for r in portability.shipped_launches() if r.kernel.__name__ == "combine_kernel")
+assert portability.compile_record(record, "sm_90").asm["cubin"]
+
+k = jax.random.split(jax.random.key(0), 6)
+args = (jax.random.normal(k[0], (8, 16)), jax.random.uniform(k[1], (8, 2)),
+        jax.lax.top_k(jax.random.uniform(k[2], (8, 4)), 2)[1], jax.random.normal(k[3], (4, 16, 24)),
+        jax.random.normal(k[4], (4, 16, 24)), jax.random.normal(k[5], (4, 24, 16)))
+with jax.default_matmul_precision("highest"):
+    y = jaxmoe.expert_ffn(*args, implementation="interpret")
+    y_ref = jaxmoe.expert_ffn(*args, implementation="xla")
+np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+"""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
+    assert any(tmp_path.iterdir()), "the compile did not use the cache dir that was set"
