@@ -37,9 +37,11 @@ test-newest: $(VENV)/.installed-test
 	@echo "== the test suite on the newest releases ($(VENV))"
 	$(PY) $(PYTEST)
 
+# The portability gate compiles for sm_90 alone here, the GPU machine's target: the newest stack
+# compiles every target, and the two full suites must fit CI's time (about 15 minutes on 2 cores).
 test-gpu-image: $(GPU_VENV)/.installed-test
 	@echo "== the test suite on the GPU image's stack ($(GPU_VENV), $(GPU_IMAGE))"
-	$(GPU_VENV)/bin/python $(PYTEST)
+	$(GPU_VENV)/bin/python $(PYTEST) -k "not (test_compiles and (sm_80 or gfx942))"
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.moe $(BENCH_ARGS)
