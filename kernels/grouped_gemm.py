@@ -76,6 +76,30 @@ def block_rows(expert, block, block_rows_ptr, expert_offsets_ptr, sorted_assignm
 
 
 @triton.jit
+def load_a_tile(a_ptrs, row_ok, k_ok, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile: rows past the block's end (and K past the end unless EVEN_K) read 0."""
+    if EVEN_K:
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    if DOT_PRECISION == "tf32":
+        a = _round_to_tf32(a)
+    return a
+
+
+@triton.jit
+def load_b_tile(b_ptrs, col_ok, k_ok, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A [BLOCK_K, BLOCK_N] tile: columns past N (and K past the end unless EVEN_K) read 0."""
+    if EVEN_K:
+        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    if DOT_PRECISION == "tf32":
+        b = _round_to_tf32(b)
+    return b
+
+
+@triton.jit
 def accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr, cols, col_ok, k_first, k_last,
                stride_bk, stride_bn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc += A[a_rows, k_first:k_last] @ B[k_first:k_last, cols], B already offset to its expert."""
@@ -83,16 +107,9 @@ def accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr, cols, col_ok, k_fir
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
     b_ptrs = b_ptr + (k_first + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
     for k0 in range(k_first, k_last, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = ks < k_last - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_PRECISION == "tf32":
-            a = _round_to_tf32(a)
-            b = _round_to_tf32(b)
+        k_ok = ks < k_last - k0  # unused when EVEN_K
+        a = load_a_tile(a_ptrs, row_ok, k_ok, EVEN_K, DOT_PRECISION)
+        b = load_b_tile(b_ptrs, col_ok, k_ok, EVEN_K, DOT_PRECISION)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
@@ -168,23 +185,11 @@ def grouped_gemm_kernel(
         b2_ptrs = b2_ptr + b_offsets
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_first, k_last, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                k_ok = ks < k_last - k0
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_PRECISION == "tf32":
-                a = _round_to_tf32(a)
-                b = _round_to_tf32(b)
+            k_ok = ks < k_last - k0  # unused when EVEN_K
+            a = load_a_tile(a_ptrs, row_ok, k_ok, EVEN_K, DOT_PRECISION)
+            b = load_b_tile(b_ptrs, col_ok, k_ok, EVEN_K, DOT_PRECISION)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if EVEN_K:
-                b2 = tl.load(b2_ptrs, mask=col_ok[None, :], other=0.0)
-            else:
-                b2 = tl.load(b2_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_PRECISION == "tf32":
-                b2 = _round_to_tf32(b2)
+            b2 = load_b_tile(b2_ptrs, col_ok, k_ok, EVEN_K, DOT_PRECISION)
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bk
