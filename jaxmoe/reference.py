@@ -150,14 +150,12 @@ def default_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_eleme
     """The reference's grouped GEMM: `jax.lax.ragged_dot` where that keeps Inf and NaN in their own rows.
 
     XLA's ragged_dot multiplies the rows of other groups (zeros) by each group's weights, so an Inf or
-    NaN in one expert's weights (0 * Inf = NaN) would reach every token. The masked form
-    (_masked_rows_dot) selects, rather than multiplies, both the group's input rows and its output
-    rows, which keeps a non-finite value to the rows it touches, at one dense dot per group.
-    On CPU it is always the masked form. On GPUs XLA's ragged_dot also lets a non-finite
-    weight of one group reach the rows of every other group (seen on an H200: one NaN in one expert's
-    w_up made every token's output NaN), so it runs only while every weight is finite and the masked
-    form takes over otherwise (the check reads the weights once more). The VJP is written out
-    (ragged_dot_transposes), so reverse mode keeps only the operands, never per-group copies.
+    NaN in one expert's weights (0 * Inf = NaN) reached every token, on CPUs and on an H200 alike. The
+    masked form (_masked_rows_dot, one dense dot per group) selects, rather than multiplies, both the
+    group's input rows and its output rows, so a non-finite value stays in the rows it touches. On CPU
+    it always runs; on GPUs it takes over only when a weight is not finite (a check that reads the
+    weights once more). The VJP is written out (ragged_dot_transposes), so reverse mode keeps only the
+    operands, never per-group copies.
     """
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     return _ragged_dot(lhs, rhs, jnp.asarray(group_sizes), precision, jnp.dtype(preferred_element_type or lhs.dtype))
