@@ -36,7 +36,7 @@ SHAPES: dict[str, MoEShape] = {
 # Defaults of the sweep.
 GPU_SHAPES = tuple(name for name, s in SHAPES.items() if "gpu" in s.tags)
 CPU_SHAPES = tuple(name for name, s in SHAPES.items() if "cpu" in s.tags)
-GPU_TOKENS = (16, 128, 512, 2048, 8192)
+GPU_TOKENS = (16, 64, 128, 512, 2048, 8192)
 QUICK_GPU_TOKENS = (128, 2048)
 CPU_TOKENS = (16, 128)
 

@@ -67,6 +67,14 @@ def test_counting_and_hbm_roof():
     assert bench.hbm_roof_ms(2e9, None) is None
 
 
+def test_gemm_roof_splits_over_the_experts_that_received_tokens():
+    """At small T the roof reads only the active experts' weights (E's would make it slower, flattering)."""
+    q = shapes.SHAPES["qwen3_30b_a3b"]  # E=128, k=8
+    assert bench.roof_split(q, 16, 80.6) == (81, 2)  # 128 rows over 81 experts: 2 rows each (rounded up)
+    assert bench.roof_split(q, 8192, 128.0) == (128, 512)
+    assert bench.roof_split(q, 1, 0.2) == (1, 8)  # at least one expert
+
+
 def _flops(jitted, *args) -> float | None:
     """XLA's FLOP count of the compiled fn; None off CPU, where the GEMMs become cuBLAS calls that the
     cost analysis does not count in full."""
