@@ -5,7 +5,8 @@
     python -m benchmarks.tune --backward --out ...     # sweep the backward GEMMs' configs (dh, dx, dw)
 
 For each (shape, T) the sweep fixes the routing of random bf16 inputs, then for each candidate BLOCK_M
-times the gate+up GEMM and the down GEMM separately over a short list of tile shapes, and keeps the
+times the gate+up GEMM and the down GEMM separately over a short list of tile shapes (for BLOCK_M >= 64
+also tiles of BLOCK_M/2 rows over the same row blocks, split_m=2), and keeps the
 BLOCK_M whose best pair (plus its dispatch) is fastest. Entries are keyed by device, dtype, E, d, f
 and the rows-per-expert bucket (see jaxmoe/config.py), so every T of a bucket shares an entry.
 Candidates that do not fit the card (shared memory) are reported and skipped.
@@ -63,6 +64,9 @@ SPLIT_DOWN = [(64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4), (64, 
 def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfig]:
     table = SMALL_M if block_m <= 32 else MID_M if block_m == 64 else LARGE_M
     found = [configs.GemmConfig(bn, bk, 8, w, s) for bn, bk, w, s in table]
+    if block_m >= 64:  # the same row blocks run as two half-height tiles: less padding past an expert's rows
+        half = SMALL_M if block_m // 2 <= 32 else MID_M
+        found += [configs.GemmConfig(bn, bk, 8, w, s, split_m=2) for bn, bk, w, s in half[:3]]
     if not gated and block_m <= 32 and K >= 4096:
         found += [configs.GemmConfig(bn, bk, 8, w, s, split) for bn, bk, w, s, split in SPLIT_DOWN]
     return found
@@ -163,22 +167,24 @@ def best_gemm(make, candidates, min_time_s):
     return best
 
 
-def tune_cell(cell: Cell, min_time_s: float):
+def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None):
     s = cell.shape
     bucket = configs.rows_bucket(cell.T, s.k, s.E)
     results = []
     for block_m in block_m_candidates(bucket):
-        dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, block_m, "triton"))
+        dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, block_m, cell.mode))
         disp = dispatch_fn(cell.ids)
         dispatch_ms = _time(dispatch_fn, (cell.ids,), min_time_s)
         log(f"    BLOCK_M={block_m}: dispatch {dispatch_ms:.4f} ms; gate+up:")
-        gate = best_gemm(lambda g: cell.gate_up(disp, block_m, g), gemm_candidates(block_m, True, s.d), min_time_s)
+        gate = best_gemm(lambda g: cell.gate_up(disp, block_m, g), gemm_candidates(block_m, True, s.d)[:limit],
+                          min_time_s)
         if gate is None:
             continue
         fn, args = cell.gate_up(disp, block_m, gate[1])
         h = fn(*args)
         log("    down:")
-        down = best_gemm(lambda g: cell.down(h, disp, block_m, g), gemm_candidates(block_m, False, s.f), min_time_s)
+        down = best_gemm(lambda g: cell.down(h, disp, block_m, g), gemm_candidates(block_m, False, s.f)[:limit],
+                          min_time_s)
         if down is None:
             continue
         total = dispatch_ms + gate[0] + down[0]
@@ -281,7 +287,7 @@ def main(argv=None) -> int:
                     continue
                 table[key] = {**old, **best[1].to_json(), "bwd_ms": round(best[0], 4)}
             else:
-                best = tune_cell(cell, args.min_time)
+                best = tune_cell(cell, args.min_time, args.limit)
                 if best is None:
                     continue
                 # Backward fields tuned earlier stay valid while BLOCK_M (the row blocks they walk) is unchanged.

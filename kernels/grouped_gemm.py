@@ -15,7 +15,9 @@ STORE_PREACT keeps the gate and up pre-activations beside h for the backward's d
 grouped_gemm_bwd.py); the down projection then reads h with row stride 3N.
 
 Tiling: a program computes a BLOCK_M x BLOCK_N tile of one row block, looping over K in BLOCK_K
-steps. With GATED, the A tile is loaded once and multiplied by both B tiles (two accumulators).
+steps. With SPLIT_M > 1 each of the dispatch's row blocks is cut into SPLIT_M tiles of BLOCK_M rows,
+so one GEMM can use smaller tiles than the row blocks the others share: an expert whose rows just pass
+a multiple of the block then pays for a part of it, not for a whole mostly empty block. With GATED, the A tile is loaded once and multiplied by both B tiles (two accumulators).
 SPLIT_K > 1 adds a second grid axis over K slices: with few rows per expert and a long K (Mixtral's
 down projection has K = 14336), whole-K tiles are too few to fill the card evenly. The partial sums
 go to separate float32 planes, and the combine adds them in a fixed order, so no atomics are needed.
@@ -64,11 +66,26 @@ def program_tile(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def block_rows(expert, block, block_rows_ptr, expert_offsets_ptr, sorted_assignments_ptr, BLOCK_M: tl.constexpr):
-    """(expert as int64, sorted rows of a live row block, which of them are valid, their assignments)."""
+def tile_start(tile_m, block_experts_ptr, block_rows_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr,
+               SPLIT_M: tl.constexpr):
+    """(expert, first sorted row, end row of the expert) of row tile tile_m; expert -1 for a dead tile.
+
+    Row tile tile_m is part tile_m % SPLIT_M of the dispatch's row block tile_m // SPLIT_M: BLOCK_M rows
+    from block_rows + part * BLOCK_M. A part that starts past its expert's last row is dead, as are
+    blocks with expert -1 (empty experts, unused worst-case blocks)."""
+    block = tile_m // SPLIT_M
+    expert = tl.load(block_experts_ptr + block)
+    first_row = tl.load(block_rows_ptr + block) + (tile_m % SPLIT_M) * BLOCK_M
+    end_row = tl.load(expert_offsets_ptr + tl.maximum(expert, 0) + 1)
+    if SPLIT_M > 1:
+        expert = tl.where(first_row < end_row, expert, -1)
+    return expert, first_row, end_row
+
+
+@triton.jit
+def block_rows(expert, first_row, end_row, sorted_assignments_ptr, BLOCK_M: tl.constexpr):
+    """(expert as int64, sorted rows of a live row tile, which of them are valid, their assignments)."""
     expert = expert.to(tl.int64)
-    first_row = tl.load(block_rows_ptr + block)
-    end_row = tl.load(expert_offsets_ptr + expert + 1)
     rows = first_row + tl.arange(0, BLOCK_M)
     row_ok = rows < end_row
     assignments = tl.load(sorted_assignments_ptr + rows, mask=row_ok, other=0)
@@ -144,7 +161,8 @@ def grouped_gemm_kernel(
     stride_bn: tl.constexpr,
     stride_om: tl.constexpr,
     # meta-parameters
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of a tile: the dispatch's row block / SPLIT_M
+    SPLIT_M: tl.constexpr,  # row tiles per dispatch row block
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -158,12 +176,12 @@ def grouped_gemm_kernel(
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     DOT_PRECISION: tl.constexpr,
 ):
-    block, tile_n = program_tile(n_blocks, N, BLOCK_N, GROUP_M)
-    expert = tl.load(block_experts_ptr + block)
-    if expert < 0:  # an empty expert's or an unused worst-case block
+    tile_m, tile_n = program_tile(n_blocks * SPLIT_M, N, BLOCK_N, GROUP_M)
+    expert, first_row, end_row = tile_start(tile_m, block_experts_ptr, block_rows_ptr, expert_offsets_ptr,
+                                            BLOCK_M, SPLIT_M)
+    if expert < 0:  # an empty expert's, an unused worst-case block or a part past its expert's rows
         return
-    expert, rows, row_ok, assignments = block_rows(expert, block, block_rows_ptr, expert_offsets_ptr,
-                                                   sorted_assignments_ptr, BLOCK_M)
+    expert, rows, row_ok, assignments = block_rows(expert, first_row, end_row, sorted_assignments_ptr, BLOCK_M)
     if GATHER_A:
         a_rows = (assignments // TOP_K).to(tl.int64)
     else:

@@ -25,7 +25,7 @@ twice, once per half of B's columns ([dgate | dup]), writing the gate and up gra
 import triton
 import triton.language as tl
 
-from .grouped_gemm import _round_to_tf32, accumulate, block_rows, program_tile
+from .grouped_gemm import _round_to_tf32, accumulate, block_rows, program_tile, tile_start
 
 
 @triton.jit
@@ -58,11 +58,11 @@ def dh_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     block, tile_n = program_tile(n_blocks, N, BLOCK_N, GROUP_M)
-    expert = tl.load(block_experts_ptr + block)
+    expert, first_row, end_row = tile_start(block, block_experts_ptr, block_rows_ptr, expert_offsets_ptr,
+                                            BLOCK_M, 1)
     if expert < 0:  # an empty expert's or an unused worst-case block
         return
-    expert, rows, row_ok, assignments = block_rows(expert, block, block_rows_ptr, expert_offsets_ptr,
-                                                   sorted_assignments_ptr, BLOCK_M)
+    expert, rows, row_ok, assignments = block_rows(expert, first_row, end_row, sorted_assignments_ptr, BLOCK_M)
     tokens = (assignments // TOP_K).to(tl.int64)
     cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N

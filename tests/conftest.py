@@ -16,6 +16,12 @@ if os.environ.get("JAXMOE_SPREAD_GPUS") and os.environ.get("PYTEST_XDIST_WORKER"
     worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
     os.environ["CUDA_VISIBLE_DEVICES"] = str(worker % int(os.environ["JAXMOE_SPREAD_GPUS"]))
 
+# Workers that share one card each get an equal share of its memory, so that one worker's pool, grown by a
+# large test, cannot starve the other's next allocation (with two workers on an H200, XLA's autotuner
+# for one test failed to get 16 GiB while the other held the rest). A fraction the caller set wins.
+elif os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / int(os.environ['PYTEST_XDIST_WORKER_COUNT']):.3f}"
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -32,6 +32,11 @@ SMALL_TILES = MoEConfig(16, GemmConfig(block_n=32, block_k=32, group_m=2, num_wa
 SPLIT_K = MoEConfig(16, GemmConfig(block_n=32, block_k=32, group_m=8, num_warps=4, num_stages=2),
                     GemmConfig(block_n=32, block_k=16, group_m=1, num_warps=4, num_stages=2, split_k=3))
 
+# Row tiles smaller than the dispatch's row blocks: each 32-row block runs as two 16-row tiles, the
+# second dead when its expert has 16 rows or fewer in that block.
+SPLIT_M = MoEConfig(32, GemmConfig(block_n=32, block_k=32, group_m=3, num_warps=4, num_stages=2, split_m=2),
+                    GemmConfig(block_n=16, block_k=32, group_m=2, num_warps=4, num_stages=2, split_m=2))
+
 SHAPES = [(37, 96, 200, 5, 2), (64, 32, 48, 1, 1), (19, 40, 24, 4, 4), (1, 16, 24, 6, 3), (0, 16, 24, 4, 2)]
 
 
@@ -79,6 +84,13 @@ def test_small_tiles_ragged_k(impl, dtype):
 def test_split_k_down_projection(impl):
     p = Problem(27, 29, 40, 72, 4, 2)  # f=72 over 3 slices of 32: the last slice is partial, the middle full
     assert_close(run(impl, p, SPLIT_K), reference_of(p), jnp.float32)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_m_row_tiles(impl, dtype):
+    p = Problem(28, 53, 72, 40, 3, 2, dtype=dtype)  # ~35 rows per expert: live and dead second tiles
+    assert_close(run(impl, p, SPLIT_M), reference_of(p), dtype)
 
 
 UNSPLIT = dataclasses.replace(SPLIT_K, down=dataclasses.replace(SPLIT_K.down, split_k=1))
@@ -144,7 +156,7 @@ def test_out_of_range_ids_under_jit_contribute_zero(impl):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
-@pytest.mark.parametrize("config", [None, SPLIT_K], ids=["table", "split_k"])
+@pytest.mark.parametrize("config", [None, SPLIT_K, SPLIT_M], ids=["table", "split_k", "split_m"])
 def test_bitwise_deterministic(impl, config):
     for dtype in (jnp.float32, jnp.bfloat16):
         p = Problem(23, 45, 32, 48, 4, 2, dtype=dtype)
@@ -188,7 +200,7 @@ def test_grads_match_reference(impl, shape):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
-@pytest.mark.parametrize("config", [SMALL_TILES, SPLIT_K], ids=["small_tiles", "split_k"])
+@pytest.mark.parametrize("config", [SMALL_TILES, SPLIT_K, SPLIT_M], ids=["small_tiles", "split_k", "split_m"])
 def test_grads_small_tiles_ragged_k(impl, config):
     """Several row blocks, N tiles and routing-weight planes; ragged last K steps in every GEMM."""
     for dtype in (jnp.float32, jnp.bfloat16):

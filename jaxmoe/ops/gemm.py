@@ -61,16 +61,18 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
     splits = gemm.split_k
     if gated and splits > 1:
         raise ValueError("split-K cannot apply to the gated GEMM: its SwiGLU epilogue needs whole sums")
+    if block_m % gemm.split_m or block_m // gemm.split_m < 16:
+        raise ValueError(f"split_m={gemm.split_m} must cut block_m={block_m} into tiles of at least 16 rows")
     k_per_split = _cdiv(_cdiv(K, gemm.block_k), splits) * gemm.block_k
     width = 3 * N if store_preact else N
     out_shape = _out((n, width), out_dtype) if splits == 1 else _out((splits, n, N), _F32)
     (out,) = launch(
         gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, disp.sorted_assignments, disp.expert_offsets,
         disp.block_experts, disp.block_rows, n_blocks, n,
-        grid=(n_blocks * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
+        grid=(n_blocks * gemm.split_m * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
         N=N, K=K, TOP_K=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
-        stride_om=width, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
+        stride_om=width, BLOCK_M=block_m // gemm.split_m, SPLIT_M=gemm.split_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
         DOT_PRECISION=precision)
