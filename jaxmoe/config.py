@@ -133,8 +133,12 @@ def heuristic(bucket: int, dtype: str, d: int, f: int) -> MoEConfig:
     Few rows per expert: the GEMMs stream weights, so a small BLOCK_M (little padding) and wide tiles
     keep many bytes in flight. Many rows: 128-row tiles, 8 warps, for tensor-core throughput.
     """
-    if bucket <= 16:
+    if bucket <= 4:
         cfg = MoEConfig(16, GemmConfig(128, 128, 8, 4, 3), GemmConfig(128, 64, 8, 4, 4))
+    elif bucket <= 16:
+        # Rows per expert spread around the mean: 32-row blocks hold most experts' rows in one block, so
+        # each weight tile is streamed once (Mixtral at T=64 on an H200: 0.77 ms against 0.88 at 16 rows).
+        cfg = MoEConfig(32, GemmConfig(128, 128, 8, 4, 3), GemmConfig(128, 64, 8, 4, 4))
     elif bucket <= 64:
         cfg = MoEConfig(64, GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4))
     else:
@@ -175,7 +179,7 @@ def shipped_configs() -> list[tuple[str, MoEConfig]]:
     """Every distinct (dtype, config) this package can pick: the table's and the heuristic's."""
     pairs = {(key.dtype, cfg.with_backward(key.dtype)) for key, cfg in _table().items()}
     pairs |= {("float16", cfg) for dtype, cfg in list(pairs) if dtype == "bfloat16"}  # see select()
-    for bucket in (1, 64, 4096):  # one per heuristic branch
+    for bucket in (1, 16, 64, 4096):  # one per heuristic branch
         for dtype in ("bfloat16", "float16", "float32"):
             pairs.add((dtype, heuristic(bucket, dtype, 128, 128).with_backward(dtype)))
     return sorted(pairs, key=lambda pair: (pair[0], json.dumps(pair[1].to_json(), sort_keys=True)))
