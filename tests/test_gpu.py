@@ -242,12 +242,19 @@ def test_grads_bitwise_reproducible(shape):
 
 
 def test_demo_trains_with_triton_like_xla():
-    """The demo's loss curve with "triton" follows "xla" within float32-at-default-precision noise."""
+    """The demo's loss curve with "triton" follows "xla" in full float32.
+
+    At the default precision both take tf32 products, rounded differently (and XLA's pick of GEMM
+    algorithm may change between processes); over 150 steps training amplifies that difference past any
+    fixed bound (a mean gap of 0.043 in one H200 run, under 0.03 in others). In full float32 the two differ
+    only by summation order, so the bound below tests the kernels, not the chaos of training.
+    test_float32_default_precision_is_no_worse_than_xla covers tf32 itself."""
     from jaxmoe import demo
 
     args = ["--steps", "150", "--batch", "16", "--seed", "5"]
-    triton = demo.main([*args, "--implementation", "triton"])
-    xla = demo.main([*args, "--implementation", "xla"])
+    with jax.default_matmul_precision("highest"):
+        triton = demo.main([*args, "--implementation", "triton"])
+        xla = demo.main([*args, "--implementation", "xla"])
     a, b = np.asarray(triton["losses"]), np.asarray(xla["losses"])
     print("triton", a[::15].round(3), "\nxla   ", b[::15].round(3))
     assert triton["final_loss"] < triton["initial_loss"] - 1.0
