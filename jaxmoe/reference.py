@@ -86,6 +86,13 @@ def _masked_transposes(lhs, rhs, group_sizes, dout, precision):
     selected away, in the cotangent's dtype as autodiff of the dots would compute them."""
     acc = jnp.promote_types(dout.dtype, lhs.dtype)
     dlhs = _masked_rows_dot(dout, jnp.swapaxes(rhs, 1, 2).astype(acc), group_sizes, precision, acc)
+    return dlhs.astype(lhs.dtype), _masked_drhs(lhs, rhs, group_sizes, dout, precision)
+
+
+def _masked_drhs(lhs, rhs, group_sizes, dout, precision):
+    """drhs[g] = lhs_g^T @ dout_g, one group at a time with the other groups' rows selected away: the
+    memory of one masked copy of lhs, where XLA's transpose of ragged_dot builds all groups' at once."""
+    acc = jnp.promote_types(dout.dtype, lhs.dtype)
 
     def one_group(g, drhs):
         mine = _group_rows(group_sizes, lhs.shape[0], g)
@@ -93,23 +100,18 @@ def _masked_transposes(lhs, rhs, group_sizes, dout, precision):
                        preferred_element_type=acc)
         return drhs.at[g].set(part.astype(rhs.dtype))
 
-    drhs = jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros(rhs.shape, rhs.dtype))
-    return dlhs.astype(lhs.dtype), drhs
+    return jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros(rhs.shape, rhs.dtype))
 
 
 def _lax_transposes(lhs, rhs, group_sizes, dout, precision):
-    """(dlhs, drhs) of jax.lax.ragged_dot: it is linear in each operand, so its VJP is two transposes.
-
-    dlhs is written as the forward-style ragged dot it is, dout_g @ rhs[g]^T: XLA's transpose rule for
-    the lhs builds a dense [groups, rows, K] float32 buffer on GPUs (16 GiB for Qwen3-30B-A3B's gate/up
-    at T=2048), where this form allocates only its output."""
+    """(dlhs, drhs) of jax.lax.ragged_dot, written out rather than left to jax.linear_transpose: on GPUs
+    XLA's transposes build dense [groups, rows, K] float32 buffers (16 GiB for Qwen3-30B-A3B's gate/up
+    at T=2048, which ran a test out of memory). dlhs is the forward-style ragged dot dout_g @ rhs[g]^T;
+    drhs takes the masked per-group loop."""
     acc = jnp.promote_types(dout.dtype, lhs.dtype)
     dlhs = jax.lax.ragged_dot(dout.astype(acc), jnp.swapaxes(rhs, 1, 2).astype(acc), group_sizes,
                               precision=precision, preferred_element_type=acc)
-    dot = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes, precision=precision,
-                            preferred_element_type=dout.dtype)
-    (drhs,) = jax.linear_transpose(lambda b: dot(lhs, b), rhs)(dout)
-    return dlhs.astype(lhs.dtype), drhs
+    return dlhs.astype(lhs.dtype), _masked_drhs(lhs, rhs, group_sizes, dout, precision)
 
 
 def _on_cpu() -> bool:
