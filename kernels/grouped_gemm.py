@@ -17,7 +17,8 @@ grouped_gemm_bwd.py); the down projection then reads h with row stride 3N.
 Tiling: a program computes a BLOCK_M x BLOCK_N tile of one row block, looping over K in BLOCK_K
 steps. With SPLIT_M > 1 each of the dispatch's row blocks is cut into SPLIT_M tiles of BLOCK_M rows,
 so one GEMM can use smaller tiles than the row blocks the others share: an expert whose rows just pass
-a multiple of the block then pays for a part of it, not for a whole mostly empty block. With GATED, the A tile is loaded once and multiplied by both B tiles (two accumulators).
+a multiple of the block then pays for a part of it, not for a whole mostly empty block. With GATED,
+the A tile is loaded once and multiplied by both B tiles (two accumulators).
 SPLIT_K > 1 adds a second grid axis over K slices: with few rows per expert and a long K (Mixtral's
 down projection has K = 14336), whole-K tiles are too few to fill the card evenly. The partial sums
 go to separate float32 planes, and the combine adds them in a fixed order, so no atomics are needed.

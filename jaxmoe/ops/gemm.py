@@ -72,7 +72,8 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
         grid=(n_blocks * gemm.split_m * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
         N=N, K=K, TOP_K=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
-        stride_om=width, BLOCK_M=block_m // gemm.split_m, SPLIT_M=gemm.split_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k,
+        stride_om=width, BLOCK_M=block_m // gemm.split_m, SPLIT_M=gemm.split_m, BLOCK_N=gemm.block_n,
+        BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
         DOT_PRECISION=precision)
