@@ -81,17 +81,23 @@ def _masked_rows_dot(lhs, rhs, group_sizes, precision, out_dtype):
     return jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype))
 
 
-def _masked_transposes(lhs, rhs, group_sizes, dout, precision):
-    """(dlhs, drhs) of _masked_rows_dot: dout @ rhs[g]^T and lhs_g^T @ dout_g, rows of other groups
-    selected away, in the cotangent's dtype as autodiff of the dots would compute them."""
+def ragged_dot_transposes(lhs, rhs, group_sizes, dout, *, precision=None):
+    """(dlhs, drhs) of default_ragged_dot for the cotangent dout, with no forward recomputed:
+    dlhs = dout_g @ rhs[g]^T and drhs[g] = lhs_g^T @ dout_g, one group at a time with the other groups'
+    rows selected away, in the cotangent's dtype as autodiff of the dots would compute them.
+
+    Written out, on every backend, rather than left to jax.linear_transpose of jax.lax.ragged_dot: on
+    GPUs XLA expands both transposes (and even a forward-style ragged dot of a float32 cotangent) into
+    dense [rows, groups * K] float32 operands, 16 GiB for Qwen3-30B-A3B at T=2048, which ran a test out
+    of memory. The loop does the same FLOPs in the memory of one masked copy; selecting keeps a
+    non-finite weight in its own group's rows."""
     acc = jnp.promote_types(dout.dtype, lhs.dtype)
     dlhs = _masked_rows_dot(dout, jnp.swapaxes(rhs, 1, 2).astype(acc), group_sizes, precision, acc)
     return dlhs.astype(lhs.dtype), _masked_drhs(lhs, rhs, group_sizes, dout, precision)
 
 
 def _masked_drhs(lhs, rhs, group_sizes, dout, precision):
-    """drhs[g] = lhs_g^T @ dout_g, one group at a time with the other groups' rows selected away: the
-    memory of one masked copy of lhs, where XLA's transpose of ragged_dot builds all groups' at once."""
+    """drhs[g] = lhs_g^T @ dout_g, one group at a time with the other groups' rows selected away."""
     acc = jnp.promote_types(dout.dtype, lhs.dtype)
 
     def one_group(g, drhs):
@@ -101,17 +107,6 @@ def _masked_drhs(lhs, rhs, group_sizes, dout, precision):
         return drhs.at[g].set(part.astype(rhs.dtype))
 
     return jax.lax.fori_loop(0, rhs.shape[0], one_group, jnp.zeros(rhs.shape, rhs.dtype))
-
-
-def _lax_transposes(lhs, rhs, group_sizes, dout, precision):
-    """(dlhs, drhs) of jax.lax.ragged_dot, written out rather than left to jax.linear_transpose: on GPUs
-    XLA's transposes build dense [groups, rows, K] float32 buffers (16 GiB for Qwen3-30B-A3B's gate/up
-    at T=2048, which ran a test out of memory). dlhs is the forward-style ragged dot dout_g @ rhs[g]^T;
-    drhs takes the masked per-group loop."""
-    acc = jnp.promote_types(dout.dtype, lhs.dtype)
-    dlhs = jax.lax.ragged_dot(dout.astype(acc), jnp.swapaxes(rhs, 1, 2).astype(acc), group_sizes,
-                              precision=precision, preferred_element_type=acc)
-    return dlhs.astype(lhs.dtype), _masked_drhs(lhs, rhs, group_sizes, dout, precision)
 
 
 def _on_cpu() -> bool:
@@ -128,14 +123,6 @@ def _forward(lhs, rhs, group_sizes, precision, out_dtype):
     lax_dot = functools.partial(jax.lax.ragged_dot, precision=precision, preferred_element_type=out_dtype)
     masked = functools.partial(_masked_rows_dot, precision=precision, out_dtype=out_dtype)
     return jax.lax.cond(_all_finite(rhs), lax_dot, masked, lhs, rhs, group_sizes)
-
-
-def ragged_dot_transposes(lhs, rhs, group_sizes, dout, *, precision=None):
-    """(dlhs, drhs) of default_ragged_dot for the cotangent dout: its VJP, with no forward recomputed."""
-    if _on_cpu():
-        return _masked_transposes(lhs, rhs, group_sizes, dout, precision)
-    return jax.lax.cond(_all_finite(rhs), functools.partial(_lax_transposes, precision=precision),
-                        functools.partial(_masked_transposes, precision=precision), lhs, rhs, group_sizes, dout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -266,21 +266,3 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_both_ragged_dot_transposes_agree(dtype):
-    """The GPU's finite-weights VJP (jax.lax.ragged_dot, dlhs as a forward-style ragged dot) equals the
-    masked per-group form CI runs, with an empty group."""
-    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-    lhs = jax.random.normal(k1, (11, 6), dtype)
-    rhs = jax.random.normal(k2, (4, 6, 5), dtype)
-    dout = jax.random.normal(k3, (11, 5), jnp.float32)
-    group_sizes = jnp.array([4, 0, 6, 1], jnp.int32)
-    with jax.default_matmul_precision("highest"):
-        got = reference._lax_transposes(lhs, rhs, group_sizes, dout, None)
-        want = reference._masked_transposes(lhs, rhs, group_sizes, dout, None)
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        tol = 1e-5 if dtype == jnp.float32 else 1e-2
-        assert jnp.allclose(g.astype(jnp.float32), w.astype(jnp.float32), rtol=tol, atol=tol)
