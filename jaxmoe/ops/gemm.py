@@ -128,7 +128,9 @@ def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: s
         raise ValueError(f"combine needs T * top_k = {T * top_k} rows per plane, got {n}")
     block_d = min(1024, _next_pow2(D))
     block_t = max(1, 4096 // block_d)
+    # 8 warps keep more row loads in flight: Qwen3-sized rows (T=8192, k=8, d=2048, float32) took 0.150 ms
+    # against 0.176 with 4 warps on an H200 (3.8 against 3.3 TB/s); other tile shapes were slower.
     (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T,
                   grid=(_cdiv(T, block_t), _cdiv(D, block_d)), mode=mode, out_shapes=[_out((T, D), out_dtype)],
-                  D=D, TOP_K=top_k, SPLITS=splits, BLOCK_T=block_t, BLOCK_D=block_d)
+                  num_warps=8, D=D, TOP_K=top_k, SPLITS=splits, BLOCK_T=block_t, BLOCK_D=block_d)
     return y
