@@ -1,6 +1,7 @@
 """Regenerates jaxmoe/tuned_configs.json on the GPU, and times the pipeline stage by stage.
 
-    python -m benchmarks.tune --stages                 # per-stage ms with the configs jaxmoe picks today
+    python -m benchmarks.tune --stages                 # per-stage ms with the configs jaxmoe picks today, and
+                                                       # the layer, expert FFN and GEMMs as nested jitted calls
     python -m benchmarks.tune --out $OUT/table.json    # sweep configs per (shape, T), write the table
     python -m benchmarks.tune --backward --out ...     # sweep the backward GEMMs' configs (dh, dx, dw)
 
@@ -221,22 +222,33 @@ def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
 def stages(cell: Cell, min_time_s: float) -> dict[str, float]:
     """Per-stage ms with the config jaxmoe picks for this cell."""
     s = cell.shape
-    cfg = configs.select(jax.devices()[0].device_kind, "bfloat16", cell.T, s.k, s.E, s.d, s.f)
-    dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, "triton"))
+    mode = cell.mode
+    cfg = configs.select(device_kind(mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, mode))
     disp = dispatch_fn(cell.ids)
     gate_fn, gate_args = cell.gate_up(disp, cfg.block_m, cfg.gate_up)
     h = gate_fn(*gate_args)
     down_fn, down_args = cell.down(h, disp, cfg.block_m, cfg.down)
     rows = down_fn(*down_args)
-    moe = jax.jit(functools.partial(jaxmoe.moe, top_k=s.k, implementation="triton"))
+    moe = jax.jit(functools.partial(jaxmoe.moe, top_k=s.k, implementation=mode))
+    moe_no_aux = jax.jit(lambda *a: jaxmoe.moe(*a, top_k=s.k, implementation=mode)[0])
+    expert_ffn = jax.jit(lambda *a: jaxmoe.expert_ffn(*a, implementation=mode))
+    gemms = jax.jit(lambda x, wg, wu, w, dp, wd: down_fn(gate_fn(x, wg, wu, w, dp), wd, w, dp))
+    layer_args = (cell.x, cell.router, cell.w_gate, cell.w_up, cell.w_down)
     return {
-        "route": _time(jax.jit(lambda lg: ops.route(lg, s.k, mode="triton")), (cell.logits,), min_time_s),
+        "route": _time(jax.jit(lambda lg: ops.route(lg, s.k, mode=mode)), (cell.logits,), min_time_s),
         "dispatch": _time(dispatch_fn, (cell.ids,), min_time_s),
         "gate_up": _time(gate_fn, gate_args, min_time_s),
         "down": _time(down_fn, down_args, min_time_s),
-        "combine": _time(jax.jit(lambda r, a: ops.combine(r, a, cell.T, s.k, cell.x.dtype, "triton")),
+        "combine": _time(jax.jit(lambda r, a: ops.combine(r, a, cell.T, s.k, cell.x.dtype, mode)),
                          (rows, disp.assignment_rows), min_time_s),
-        "moe": _time(moe, (cell.x, cell.router, cell.w_gate, cell.w_up, cell.w_down), min_time_s),
+        # Nested views of the layer, each one jitted call: their differences are what the pieces
+        # around the GEMMs cost inside the layer (a small launch timed alone is host-bound).
+        "gemms": _time(gemms, (cell.x, cell.w_gate, cell.w_up, cell.row_weights, disp, cell.w_down), min_time_s),
+        "expert_ffn": _time(expert_ffn, (cell.x, cell.weights, cell.ids, cell.w_gate, cell.w_up, cell.w_down),
+                            min_time_s),
+        "moe_no_aux": _time(moe_no_aux, layer_args, min_time_s),
+        "moe": _time(moe, layer_args, min_time_s),
         "config": str(cfg),
     }
 
@@ -274,7 +286,8 @@ def main(argv=None) -> int:
             if args.stages:
                 st = stages(cell, args.min_time)
                 parts = "  ".join(f"{k} {v:.4f}" for k, v in st.items() if k != "config")
-                log(f"{name:17s} T={T:5d}  {parts}  sum {sum(v for k, v in st.items() if k not in ('config', 'moe')):.4f}"
+                alone = ("route", "dispatch", "gate_up", "down", "combine")
+                log(f"{name:17s} T={T:5d}  {parts}  sum of stages {sum(st[k] for k in alone):.4f}"
                     f"  [{st['config']}]")
                 continue
             bucket = configs.rows_bucket(T, shape.k, shape.E)

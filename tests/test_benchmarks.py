@@ -171,3 +171,14 @@ def test_backward_tuner_runs_in_the_interpreter(tmp_path):
     (entry,) = json.loads(out.read_text()).values()
     cfg = config.MoEConfig.from_json(entry)
     assert cfg.dh is not None and cfg.dx is not None and cfg.dw is not None and entry["bwd_ms"] > 0
+
+
+def test_stage_timing_runs_in_the_interpreter(capsys):
+    """`benchmarks.tune --stages` end to end on CPU: every stage and nested view of the layer is timed."""
+    from benchmarks import tune
+
+    assert tune.main(["--stages", "--shapes", "tiny", "--tokens", "16", "--mode", "interpret",
+                      "--min-time", "0.01"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("tiny"))
+    for stage in ("route", "dispatch", "gate_up", "down", "combine", "gemms", "expert_ffn", "moe_no_aux", "moe"):
+        assert f" {stage} " in line, (stage, line)
