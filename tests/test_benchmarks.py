@@ -182,3 +182,16 @@ def test_stage_timing_runs_in_the_interpreter(capsys):
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("tiny"))
     for stage in ("route", "dispatch", "gate_up", "down", "combine", "gemms", "expert_ffn", "moe_no_aux", "moe"):
         assert f" {stage} " in line, (stage, line)
+
+
+def test_kernel_table_sums_per_call():
+    """benchmarks.profile's aggregation: per-kernel time and launches per call, busy time and span."""
+    from benchmarks.profile import KernelEvent, kernel_table
+
+    events = [KernelEvent("gemm", 0, 10_000), KernelEvent("route", 12_000, 2_000),
+              KernelEvent("gemm", 20_000, 10_000), KernelEvent("route", 32_000, 2_000)]
+    rows, busy, span = kernel_table(events, calls=2)
+    assert [r.name for r in rows] == ["gemm", "route"]
+    assert rows[0].us_per_call == 10.0 and rows[0].launches_per_call == 1.0 and rows[1].us_per_call == 2.0
+    assert busy == 12.0 and span == 17.0
+    assert kernel_table([], calls=3) == ([], 0.0, 0.0)
