@@ -1,17 +1,44 @@
 """Top-k routing: scores, selection bias, top-k and renormalisation for a block of tokens.
 
-Tiling: each program owns BLOCK_T tokens and the whole expert row (BLOCK_E >= E, a power of two),
-so softmax and top-k are row reductions in registers. Top-k is TOP_K rounds of "take the max, break
-ties by the lowest id, mask it out"; selected weights collect in a [BLOCK_T, BLOCK_K] tile so that
-renormalisation and the stores happen once.
-
     probs[t]  = softmax(logits[t]) or sigmoid(logits[t])
     ids[t]    = top_k(probs[t] + bias), lower id first on ties, NaN above every number
     weights[t] = probs[t, ids[t]] / (sum of them, if RENORMALIZE)
+
+Tiling: each program owns BLOCK_T tokens and the whole expert row (BLOCK_E >= E, a power of two) in
+one warp, so softmax and top-k are row reductions in registers and warp shuffles, with no shared
+memory or barriers between the k rounds (a decode step's routing is a chain of such rounds; with rows
+spread over 4 warps it took 27 us for Qwen3's 16 tokens on an H200).
+
+Top-k is TOP_K rounds of one max each, over a 64-bit key per expert that orders (score, lower id):
+the score's float bits mapped to an integer of the same order in the high half (NaN above every
+number, as jax.lax.top_k ranks it), BLOCK_E - 1 - id in the low half. A picked expert's key drops to
+the minimum, below every real expert's, so it is never picked twice. Without a bias the score is the
+weight, so the weight is decoded from the key; with a bias it is summed out of the probs.
 """
 
 import triton
 import triton.language as tl
+
+
+# Keys below every real expert's: experts past E, then experts already picked.
+_NOT_A_CANDIDATE = tl.constexpr(-(2**31))
+_PICKED = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _score_key(score):
+    """int32 with the order of the float32 scores: negative floats have their magnitude bits flipped;
+    every NaN maps to the largest key. -inf stays above _NOT_A_CANDIDATE."""
+    bits = score.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(score != score, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _score_of_key(key):
+    """The float32 score of a _score_key (a NaN for the NaN key: 0x7FFFFFFF is a NaN's bits)."""
+    bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -54,30 +81,30 @@ def topk_routing_kernel(
     probs = tl.where(tile_ok, probs, 0.0)
     tl.store(probs_ptr + tokens[:, None] * E + experts[None, :], probs, mask=tile_ok)
 
-    scores = probs
+    scores = probs + 0.0  # + 0.0 turns -0.0 into +0.0, which the float comparison ties with it
     if HAS_BIAS:
         scores = scores + tl.load(bias_ptr + experts, mask=expert_ok, other=0.0)[None, :]
-    scores = tl.where(expert_ok[None, :], scores, -float("inf"))
+    keys = tl.where(expert_ok[None, :], _score_key(scores), _NOT_A_CANDIDATE)
+    keys = (keys.to(tl.int64) << 32) | (BLOCK_E - 1 - experts)[None, :].to(tl.int64)
 
     slots = tl.arange(0, BLOCK_K)
     picked_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     picked_weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        # NaN ranks above every number, as in jax.lax.top_k, so a token with a NaN score still picks
-        # experts (its NaN weights then reach its output) instead of matching none and being dropped.
-        is_nan = scores != scores
-        row_has_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
-        best = tl.max(tl.where(is_nan, -float("inf"), scores), axis=1)
-        hit = tl.where(row_has_nan[:, None], is_nan, scores == best[:, None])
-        best_id = tl.min(tl.where(hit, experts[None, :], BLOCK_E), axis=1)
+        best = tl.max(keys, axis=1)
+        best_id = BLOCK_E - 1 - (best & 0xFFFFFFFF).to(tl.int32)
         chosen = experts[None, :] == best_id[:, None]
-        weight = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+        if HAS_BIAS:
+            weight = tl.sum(tl.where(chosen, probs, 0.0), axis=1)
+        else:
+            weight = _score_of_key((best >> 32).to(tl.int32))
         picked_ids = tl.where(slots[None, :] == slot, best_id[:, None], picked_ids)
         picked_weights = tl.where(slots[None, :] == slot, weight[:, None], picked_weights)
-        scores = tl.where(chosen, -float("inf"), scores)
+        keys = tl.where(chosen, _PICKED, keys)
 
     if RENORMALIZE:
-        total = tl.maximum(tl.sum(picked_weights, axis=1), 1.1754943508222875e-38)  # float32 tiny
+        # float32 tiny guards sigmoid weights that all underflow; a NaN sum stays NaN, as in jnp.maximum
+        total = tl.maximum(tl.sum(picked_weights, axis=1), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
         picked_weights = picked_weights / total[:, None]
     out_ok = token_ok[:, None] & (slots[None, :] < TOP_K)
     out_offsets = tokens[:, None] * TOP_K + slots[None, :]

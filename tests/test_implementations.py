@@ -294,6 +294,28 @@ def test_routing_kernel_ties_and_grad(impl):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_routing_kernel_edge_scores(impl):
+    """Many experts over several programs; experts whose biased score is -inf still rank above the ones
+    already picked, so k = E - 1 picks distinct ids as jax.lax.top_k does; a NaN score ranks first."""
+    logits = jax.random.normal(jax.random.key(6), (37, 128)) * 3
+    for scoring in ("softmax", "sigmoid"):
+        got, want = ops.route(logits, 8, scoring=scoring, mode=impl), jaxmoe.route(logits, 8, scoring=scoring)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6, atol=1e-7)
+    logits = jnp.array([[0.5, 1.5, 2.0, -1.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    bias = jnp.array([0.0, -jnp.inf, -jnp.inf, 0.0, 0.0])
+    for scoring in ("softmax", "sigmoid"):
+        got = ops.route(logits, 4, scoring=scoring, bias=bias, mode=impl)
+        want = jaxmoe.route(logits, 4, scoring=scoring, bias=bias)
+        np.testing.assert_array_equal(got.ids, want.ids)  # [0, 3, 4, 1] and [4, 3, 0, 1]
+        np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6, atol=1e-7)
+    # jax.lax.top_k's NaN order differs between backends; the kernel ranks a NaN first everywhere.
+    nan_row = ops.route(logits.at[0, 3].set(jnp.nan), 2, scoring="sigmoid", mode=impl)
+    np.testing.assert_array_equal(nan_row.ids, [[3, 2], [4, 3]])
+    assert np.isnan(np.asarray(nan_row.weights)[0]).all() and np.isfinite(np.asarray(nan_row.weights)[1]).all()
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 def test_moe_end_to_end(impl):
     p = Problem(25, 30, 32, 48, 6, 2)
     router = jax.random.normal(jax.random.key(5), (p.d, p.E))

@@ -35,6 +35,9 @@ def dispatch_bucket(n_assignments: int) -> int:
     return _next_pow2(n_assignments)
 
 
+SINGLE_CHUNK_ENTRIES = 4096
+
+
 def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
     """Dispatch's constexprs, from the bucket of n alone.
 
@@ -45,9 +48,10 @@ def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
     """
     bucket = dispatch_bucket(n_assignments)
     block_e = _next_pow2(E)
-    # Small batches: one program takes all assignments in a single one-hot tile of up to 16K entries
-    # (serial tile loops would dominate a decode step). Larger ones: 4K-entry tiles, many programs.
-    single_chunk = bucket * block_e <= 16384
+    # Small batches: one program takes all assignments in a single one-hot tile of up to
+    # SINGLE_CHUNK_ENTRIES entries (serial tile loops would dominate a decode step). Larger ones: 4K-entry
+    # tiles, many programs.
+    single_chunk = bucket * block_e <= SINGLE_CHUNK_ENTRIES
     if single_chunk:
         chunk = sub = bucket
         chunk_tile = 16  # one chunk: the chunk counts are not read

@@ -37,10 +37,10 @@ def _route_forward(logits, bias, options: _RouteOptions):
     if T == 0:
         return jnp.zeros((0, k), _F32), jnp.zeros((0, k), _I32), jnp.zeros((0, E), _F32)
     block_e = _next_pow2(E)
-    block_t = max(1, min(64, 4096 // block_e))
+    block_t = max(1, min(64, 1024 // block_e))  # one warp: up to 32 elements of a row tile per lane
     weights, ids, probs = launch(
         routing_kernels.topk_routing_kernel, logits, logits if bias is None else bias, T,
-        grid=(_cdiv(T, block_t),), mode=options.mode, num_warps=4,
+        grid=(_cdiv(T, block_t),), mode=options.mode, num_warps=1,
         out_shapes=[_out((T, k), _F32), _out((T, k), _I32), _out((T, E), _F32)],
         E=E, TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(k),
         SIGMOID=options.scoring == "sigmoid", RENORMALIZE=options.renormalize, HAS_BIAS=bias is not None)
