@@ -34,6 +34,19 @@ def selected_weights(probs: jax.Array, ids: jax.Array, renormalize: bool) -> jax
     return weights
 
 
+def score_keys(scores: jax.Array) -> jax.Array:
+    """int32 keys in the order of the float32 scores, every NaN above every number, -0.0 tied with 0.0.
+
+    jax.lax.top_k's own NaN order differs between backends (a NaN ranked last on CPUs with jax 0.11),
+    so a token whose score for one expert is NaN could drop that expert and hide the NaN; ranking it
+    first sends the NaN to the token's output. The Triton routing kernel orders by the same keys.
+    """
+    scores = scores.astype(jnp.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+    return jnp.where(jnp.isnan(scores), jnp.iinfo(jnp.int32).max, keys)
+
+
 def route(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True, bias=None) -> Routing:
     """Picks top_k experts per token.
 
@@ -45,11 +58,11 @@ def route(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = T
       bias: optional [E] added to probs for selection only (DeepSeek-V3's load-balancing bias);
         the weights are always probs at the selected ids.
 
-    Ties go to the lower expert id.
+    Ties go to the lower expert id; a NaN score ranks above every number (see score_keys).
     """
     top_k = _validate.check_route_args(logits, top_k, scoring, bias)
     probs = expert_probs(logits, scoring)
     selection_scores = probs if bias is None else probs + bias.astype(jnp.float32)
-    _, ids = jax.lax.top_k(selection_scores, top_k)  # lax.top_k keeps the lower index first on ties
+    _, ids = jax.lax.top_k(score_keys(selection_scores), top_k)  # lower index first on ties
     ids = ids.astype(jnp.int32)
     return Routing(selected_weights(probs, ids, renormalize), ids, probs)

@@ -11,9 +11,10 @@ spread over 4 warps it took 27 us for Qwen3's 16 tokens on an H200).
 
 Top-k is TOP_K rounds of one max each, over a 64-bit key per expert that orders (score, lower id):
 the score's float bits mapped to an integer of the same order in the high half (NaN above every
-number, as jax.lax.top_k ranks it), BLOCK_E - 1 - id in the low half. A picked expert's key drops to
-the minimum, below every real expert's, so it is never picked twice. Without a bias the score is the
-weight, so the weight is decoded from the key; with a bias it is summed out of the probs.
+number, as jaxmoe.routing.score_keys orders the reference), BLOCK_E - 1 - id in the low half. A
+picked expert's key drops to the minimum, below every real expert's, so it is never picked twice.
+Without a bias the score is the weight, so the weight is decoded from the key; with a bias it is
+summed out of the probs.
 """
 
 import triton

@@ -266,3 +266,16 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_route_ranks_a_nan_score_first():
+    """score_keys orders like the floats, -0.0 tied with 0.0, every NaN above every number, whatever
+    jax.lax.top_k does with NaN on this backend; route picks a NaN-scored expert first."""
+    from jaxmoe.routing import score_keys
+
+    keys = np.asarray(score_keys(jnp.array([-0.0, 0.0, -1.0, jnp.nan, -jnp.inf, 1.0, jnp.inf, -jnp.nan])))
+    assert keys[0] == keys[1] and keys[3] == keys[7] == np.iinfo(np.int32).max
+    assert keys[4] < keys[2] < keys[0] < keys[5] < keys[6] < keys[3]
+    r = jaxmoe.route(jnp.array([[0.0, jnp.nan, 1.0], [0.0, 2.0, 1.0]]), 2, scoring="sigmoid")
+    np.testing.assert_array_equal(r.ids, [[1, 2], [1, 2]])
+    assert np.isnan(np.asarray(r.weights)[0]).all() and np.isfinite(np.asarray(r.weights)[1]).all()
