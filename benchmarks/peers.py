@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 import jaxmoe
 from jaxmoe import reference
+from jaxmoe.routing import Routing, expert_probs, selected_weights
 
 IMPLS = ("triton", "xla", "tokamax")
 PEERS = ("xla", "tokamax")  # the rows a triton row is compared with
@@ -34,6 +35,19 @@ def _tokamax_general(lhs, rhs, group_sizes, dims, precision, preferred_element_t
 
 
 tokamax_ragged_dot = reference.make_ragged_dot(_tokamax_general)
+
+
+def lax_route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None) -> Routing:
+    """Routing as plain jax.lax code writes it, for the peer rows: jax.lax.top_k on the float scores.
+
+    jaxmoe.route selects by integer keys (jaxmoe.routing.score_keys: a NaN ranks first on every
+    backend); XLA may run an integer top-k by another, slower kernel, which would slow the peers and
+    flatter us.
+    """
+    probs = expert_probs(logits, scoring)
+    scores = probs if bias is None else probs + bias.astype(jnp.float32)
+    ids = jax.lax.top_k(scores, top_k)[1].astype(jnp.int32)
+    return Routing(selected_weights(probs, ids, renormalize), ids, probs)
 
 
 def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
@@ -64,15 +78,16 @@ def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
 def make_forward(impl: str, k: int):
     """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation.
 
-    The xla row on a GPU is the plain jax.lax pipeline, with jax.lax.ragged_dot as it is: jaxmoe's
-    "xla" implementation adds a finiteness check of the weights there (see
-    reference.default_ragged_dot), which would slow the peer and flatter us.
+    The xla row on a GPU is the plain jax.lax pipeline, with jax.lax.ragged_dot and jax.lax.top_k as
+    they are: jaxmoe's "xla" implementation adds a finiteness check of the weights there (see
+    reference.default_ragged_dot) and selects by integer keys (lax_route), which would slow the peer
+    and flatter us.
     """
     if impl == "tokamax" or (impl == "xla" and jax.default_backend() == "gpu"):
         ragged_dot = tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot
         expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
         return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
-                                 bias=None, route_fn=jaxmoe.route, expert_ffn_fn=expert_ffn)
+                                 bias=None, route_fn=lax_route, expert_ffn_fn=expert_ffn)
     return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,3 +196,16 @@ def test_kernel_table_sums_per_call():
     assert rows[0].us_per_call == 10.0 and rows[0].launches_per_call == 1.0 and rows[1].us_per_call == 2.0
     assert busy == 12.0 and span == 17.0
     assert kernel_table([], calls=3) == ([], 0.0, 0.0)
+
+
+def test_peer_routing_matches_jaxmoe_route_on_finite_scores():
+    """The peers' plain jax.lax.top_k routing picks what jaxmoe.route picks wherever no score is NaN."""
+    import jaxmoe
+    from benchmarks.peers import lax_route
+
+    logits = jax.random.normal(jax.random.key(0), (33, 16)) * 2
+    bias = jnp.linspace(-0.1, 0.1, 16)
+    for kwargs in (dict(), dict(scoring="sigmoid", bias=bias), dict(renormalize=False)):
+        got, want = lax_route(logits, 4, **kwargs), jaxmoe.route(logits, 4, **kwargs)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
