@@ -105,7 +105,8 @@ def topk_routing_kernel(
 
     if RENORMALIZE:
         # float32 tiny guards sigmoid weights that all underflow; a NaN sum stays NaN, as in jnp.maximum
-        total = tl.maximum(tl.sum(picked_weights, axis=1), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+        total = tl.maximum(tl.sum(picked_weights, axis=1), 1.1754943508222875e-38,
+                           propagate_nan=tl.PropagateNan.ALL)
         picked_weights = picked_weights / total[:, None]
     out_ok = token_ok[:, None] & (slots[None, :] < TOP_K)
     out_offsets = tokens[:, None] * TOP_K + slots[None, :]
