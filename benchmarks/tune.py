@@ -4,6 +4,7 @@
                                                        # the layer, expert FFN and GEMMs as nested jitted calls
     python -m benchmarks.tune --out $OUT/table.json    # sweep configs per (shape, T), write the table
     python -m benchmarks.tune --backward --out ...     # sweep the backward GEMMs' configs (dh, dx, dw)
+    python -m benchmarks.tune --down-only --out ...    # sweep only the down GEMM, keeping BLOCK_M and gate/up
 
 For each (shape, T) the sweep fixes the routing of random bf16 inputs, then for each candidate BLOCK_M
 times the gate+up GEMM and the down GEMM separately over a short list of tile shapes (for BLOCK_M >= 64
@@ -43,7 +44,8 @@ from benchmarks.timing import time_fn
 # (block_n, block_k, num_warps, num_stages) per BLOCK_M class
 SMALL_M = [(64, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5)]
 MID_M = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (128, 128, 8, 3)]
-LARGE_M = [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3)]
+LARGE_M = [(64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
+           (64, 128, 8, 3)]
 
 
 def block_m_candidates(bucket: int) -> list[int]:
@@ -70,6 +72,11 @@ def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfi
         found += [configs.GemmConfig(bn, bk, 8, w, s, split_m=2) for bn, bk, w, s in half[:3]]
     if not gated and block_m <= 32 and K >= 4096:
         found += [configs.GemmConfig(bn, bk, 8, w, s, split) for bn, bk, w, s, split in SPLIT_DOWN]
+    if not gated and block_m >= 64:
+        # Weights and rows through TMA descriptors: on an H200 (Triton 3.6) 1-3% faster for Mixtral's
+        # long-K down projection, 2-10% slower for short K, where building the descriptors in every
+        # program costs more than the tile's loads save (benchmarks/RESULTS.md).
+        found += [dataclasses.replace(g, tma=True) for g in found if g.split_m == 1 and g.block_n == 256]
     return found
 
 
@@ -168,17 +175,20 @@ def best_gemm(make, candidates, min_time_s):
     return best
 
 
-def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None):
+def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None, down_only: bool = False):
+    """(total ms, best config) of one cell. down_only keeps the picked config's BLOCK_M and gate/up GEMM
+    (timed once) and sweeps the down GEMM alone."""
     s = cell.shape
     bucket = configs.rows_bucket(cell.T, s.k, s.E)
+    picked = configs.select(device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
     results = []
-    for block_m in block_m_candidates(bucket):
+    for block_m in [picked.block_m] if down_only else block_m_candidates(bucket):
         dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, block_m, cell.mode))
         disp = dispatch_fn(cell.ids)
         dispatch_ms = _time(dispatch_fn, (cell.ids,), min_time_s)
         log(f"    BLOCK_M={block_m}: dispatch {dispatch_ms:.4f} ms; gate+up:")
-        gate = best_gemm(lambda g: cell.gate_up(disp, block_m, g), gemm_candidates(block_m, True, s.d)[:limit],
-                          min_time_s)
+        gate_candidates = [picked.gate_up] if down_only else gemm_candidates(block_m, True, s.d)[:limit]
+        gate = best_gemm(lambda g: cell.gate_up(disp, block_m, g), gate_candidates, min_time_s)
         if gate is None:
             continue
         fn, args = cell.gate_up(disp, block_m, gate[1])
@@ -262,6 +272,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds of timing per candidate")
     parser.add_argument("--budget", type=float, default=480, help="stop starting new cells after this many s")
     parser.add_argument("--backward", action="store_true", help="sweep the backward GEMMs' configs (dh, dx, dw)")
+    parser.add_argument("--down-only", action="store_true",
+                        help="keep each entry's BLOCK_M and gate/up config; sweep the down GEMM's configs")
     parser.add_argument("--mode", default="triton", choices=("triton", "interpret"),
                         help="interpret: run the sweep in Triton's interpreter on a CPU (a smoke test)")
     parser.add_argument("--limit", type=int, default=None, help="try at most this many candidates per GEMM")
@@ -300,7 +312,7 @@ def main(argv=None) -> int:
                     continue
                 table[key] = {**old, **best[1].to_json(), "bwd_ms": round(best[0], 4)}
             else:
-                best = tune_cell(cell, args.min_time, args.limit)
+                best = tune_cell(cell, args.min_time, args.limit, args.down_only)
                 if best is None:
                     continue
                 # Backward fields tuned earlier stay valid while BLOCK_M (the row blocks they walk) is unchanged.

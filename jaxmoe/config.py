@@ -31,6 +31,7 @@ class GemmConfig:
     num_stages: int = 3
     split_k: int = 1  # K slices summed by the combine; only the down projection (no epilogue) uses it
     split_m: int = 1  # row tiles per dispatch row block: this GEMM's tiles have block_m / split_m rows
+    tma: bool = False  # weights (and the down projection's sorted rows) through TMA tensor descriptors
 
 
 @dataclasses.dataclass(frozen=True)

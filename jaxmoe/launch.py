@@ -4,6 +4,12 @@ Everything upstream (grids, configs, strides, scalars) is computed once in ops.p
 only this final step differs. Kernel parameters follow jax-triton's order: inputs (arrays and int
 scalars, positionally), then one pointer per output, then constexprs by keyword.
 
+A kernel that builds TMA descriptors on the device (`tl.make_tensor_descriptor`) writes them to a
+global scratch buffer that Triton's launch ABI passes after the kernel's own parameters. jax-triton
+0.4 with jaxlib > 0.11 allocates it; jax-triton 0.3 on jaxlib 0.11 passes a null pointer there, and
+such a kernel dies with CUDA_ERROR_ILLEGAL_ADDRESS. `launch(..., scratch_per_program=...)` supplies it
+on that stack (see _supply_scratch).
+
 Under `jax.vmap` a launch runs once per batch element (`jax.lax.map` over the batched arrays, the
 unbatched ones shared): neither jax-triton's triton_call nor a vmap_method-less pure_callback has a
 batching rule, and a launch's outputs depend only on its inputs, so this is right for every kernel
@@ -19,6 +25,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 from typing import Sequence
 
@@ -47,12 +54,48 @@ def _jax_triton():
 
     # jax-triton 0.3.x names the outputs `out_shape`; 0.4.x renamed it `out_type`.
     params = inspect.signature(jax_triton.triton_call).parameters
-    return jax_triton, "out_type" if "out_type" in params else "out_shape"
+    new_api = "out_type" in params
+    if not new_api:
+        _supply_scratch(jax_triton.triton_lib)
+    return jax_triton, "out_type" if new_api else "out_shape", not new_api
+
+
+# The kernels a scratch buffer is appended to (by the function behind their JITFunction).
+_SCRATCH_KERNELS: set = set()
+
+
+def _supply_scratch(triton_lib) -> None:
+    """Lets a launch on jax-triton 0.3 pass a global scratch buffer to kernels that build TMA descriptors.
+
+    Triton's launch ABI passes, after the kernel's own parameters, a global scratch pointer and a
+    profile scratch pointer; jaxlib 0.11 appends two null pointers for them. launch() gives such a
+    kernel one more output than it has parameters: jax-triton turns it into one more array parameter,
+    which lands in the global scratch slot, and jaxlib's first null lands in the profile slot (read only
+    under Triton's profiler). Here the compile step is told the kernel's real signature (without that
+    output), and the output gets a 16-byte-aligned pointer attribute like any other array.
+    """
+    original = triton_lib.get_or_create_triton_kernel
+    if getattr(original, "_jaxmoe_scratch", False):
+        return
+
+    def get_or_create_triton_kernel(backend_init_func, platform, fn, arg_dtypes, scalar_args, **kwargs):
+        n_params = len(fn.arg_names) - len(fn.constexprs)
+        if fn.fn not in _SCRATCH_KERNELS or len(arg_dtypes) != n_params + 1:
+            return original(backend_init_func, platform, fn, arg_dtypes, scalar_args, **kwargs)
+        kernel, attrs = original(backend_init_func, platform, fn, arg_dtypes[:n_params], scalar_args, **kwargs)
+        pointer_attrs = next(attrs[(i,)] for i in range(n_params) if arg_dtypes[i].startswith("*"))
+        return kernel, {**attrs, (n_params,): pointer_attrs}
+
+    get_or_create_triton_kernel._jaxmoe_scratch = True
+    triton_lib.get_or_create_triton_kernel = get_or_create_triton_kernel
 
 
 def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeDtypeStruct], mode: str,
-           num_warps: int = 4, num_stages: int = 2, **constexprs) -> list[jax.Array]:
-    """Launches `kernel` over `grid`; returns one array per entry of out_shapes."""
+           num_warps: int = 4, num_stages: int = 2, scratch_per_program: int = 0, **constexprs) -> list[jax.Array]:
+    """Launches `kernel` over `grid`; returns one array per entry of out_shapes.
+
+    scratch_per_program: bytes of global scratch each program uses (128 per TMA descriptor it builds).
+    """
     out_shapes = list(out_shapes)
     if mode in ("triton", "interpret"):
         array_slots = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
@@ -64,9 +107,14 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
             for slot, array in zip(array_slots, arrays):
                 full_args[slot] = array
             if mode == "triton":
-                jt, out_keyword = _jax_triton()
-                return list(jt.triton_call(*full_args, kernel=kernel, grid=grid, num_warps=num_warps,
-                                           num_stages=num_stages, **{out_keyword: out_shapes}, **constexprs))
+                jt, out_keyword, supply_scratch = _jax_triton()
+                shapes = list(out_shapes)
+                if scratch_per_program and supply_scratch:
+                    _SCRATCH_KERNELS.add(kernel.fn)
+                    shapes.append(jax.ShapeDtypeStruct((math.prod(grid) * scratch_per_program,), np.int8))
+                outs = jt.triton_call(*full_args, kernel=kernel, grid=grid, num_warps=num_warps,
+                                      num_stages=num_stages, **{out_keyword: shapes}, **constexprs)
+                return list(outs)[:len(out_shapes)]
             return _launch_interpreted(kernel, full_args, grid, out_shapes, constexprs)
 
         return list(run(*[args[i] for i in array_slots]))
@@ -76,7 +124,8 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
         ones = {name: 1 for name, a in zip(kernel.arg_names, args) if not isinstance(a, jax.Array) and a == 1}
         arg_types = tuple(_triton_type(a) for name, a in zip(kernel.arg_names, args) if name not in ones)
         arg_types += tuple(_triton_type(s) for s in out_shapes)
-        _RECORDS.append(LaunchRecord(kernel, arg_types, grid, num_warps, num_stages, {**ones, **constexprs}))
+        _RECORDS.append(LaunchRecord(kernel, arg_types, grid, num_warps, num_stages, {**ones, **constexprs},
+                                     scratch_per_program))
         return [jax.numpy.zeros(s.shape, s.dtype) for s in out_shapes]
     raise ValueError(f"unknown launch mode {mode!r}")
 
@@ -91,6 +140,7 @@ class LaunchRecord:
     num_warps: int
     num_stages: int
     constexprs: dict  # with the int arguments equal to 1, which jax-triton compiles in
+    scratch_per_program: int = 0  # global scratch bytes the launch supplies per program (TMA descriptors)
 
     @property
     def compile_key(self) -> str:

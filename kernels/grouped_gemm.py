@@ -22,6 +22,13 @@ the A tile is loaded once and multiplied by both B tiles (two accumulators).
 SPLIT_K > 1 adds a second grid axis over K slices: with few rows per expert and a long K (Mixtral's
 down projection has K = 14336), whole-K tiles are too few to fill the card evenly. The partial sums
 go to separate float32 planes, and the combine adds them in a fixed order, so no atomics are needed.
+With TMA (16-bit operands, K a multiple of BLOCK_K) the weight tiles, and the down projection's
+sorted A rows, arrive through tensor descriptors (Hopper's bulk tensor copies, built on the device
+in the per-program scratch that jaxmoe.launch supplies) instead of per-thread pointer loads. B is
+viewed as [E*K, N]: K tiles never cross into the next expert because BLOCK_K divides K, and columns
+past N read 0. An A tile may read rows past its expert's end (the next expert's rows, or zeros past
+the last row); those rows are computed and never stored, and GEMM rows are independent, so a
+non-finite value there reaches no output.
 Program ids are swizzled in groups of GROUP_M row blocks so that consecutive programs reuse the
 same B tiles from L2: one expert's weights are far larger than L2 when T is large, and without the
 swizzle every row block would stream them from memory again.
@@ -135,6 +142,26 @@ def accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr, cols, col_ok, k_fir
 
 
 @triton.jit
+def accumulate_tma(acc, acc2, a_desc, a_ptr, a_rows, row_ok, stride_am, first_row, b_desc, b2_desc, b_row, col,
+                   k_first, k_last, BLOCK_K: tl.constexpr, TMA_A: tl.constexpr, GATED: tl.constexpr):
+    """acc (+ acc2 if GATED) += A[rows, k_first:k_last] @ B_2d[b_row + k_first : b_row + k_last, col:] (and B2),
+    the weights through their descriptors; A through its descriptor from first_row if TMA_A, else
+    gathered at a_rows. One A tile serves both weights."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
+    for k0 in range(k_first, k_last, BLOCK_K):
+        if TMA_A:
+            a = a_desc.load([first_row, k0])
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        acc = tl.dot(a, b_desc.load([b_row + k0, col]), acc)
+        if GATED:
+            acc2 = tl.dot(a, b2_desc.load([b_row + k0, col]), acc2)
+        a_ptrs += BLOCK_K
+    return acc, acc2
+
+
+@triton.jit
 def grouped_gemm_kernel(
     # pointers
     a_ptr,  # [rows of A, K]: x [T, K] if GATHER_A, else sorted activations [n_assignments, K] (2K if CONCAT_K)
@@ -176,6 +203,8 @@ def grouped_gemm_kernel(
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # B (and A unless GATHER_A) through tensor descriptors: 16-bit, EVEN_K, no CONCAT_K
+    E: tl.constexpr,  # experts in B (read only with TMA: the descriptor's row count)
 ):
     tile_m, tile_n = program_tile(n_blocks * SPLIT_M, N, BLOCK_N, GROUP_M)
     expert, first_row, end_row = tile_start(tile_m, block_experts_ptr, block_rows_ptr, expert_offsets_ptr,
@@ -194,7 +223,23 @@ def grouped_gemm_kernel(
     k_last = min(k_first + K_PER_SPLIT, K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up projection's, with GATED
+    if TMA:
+        # B viewed as [E*K, N] (stride_bn == 1); descriptor offsets are int32: E*K < 2^31 (launcher).
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[stride_bk, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+        b2_desc = b_desc  # a stand-in, unused unless GATED
+        if GATED:
+            b2_desc = tl.make_tensor_descriptor(b2_ptr, shape=[E * K, N], strides=[stride_bk, 1],
+                                                block_shape=[BLOCK_K, BLOCK_N])
+        a_desc = b_desc  # a stand-in, unused when GATHER_A
+        if not GATHER_A:
+            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[n_assignments, K], strides=[stride_am, 1],
+                                               block_shape=[BLOCK_M, BLOCK_K])
+        acc, acc2 = accumulate_tma(acc, acc2, a_desc, a_ptr, a_rows, row_ok, stride_am, first_row, b_desc, b2_desc,
+                                   expert.to(tl.int32) * K, tile_n * BLOCK_N, k_first, k_last, BLOCK_K,
+                                   not GATHER_A, GATED)
+    elif GATED:
         # The A tile is loaded once for both weights, so this loop is written out rather than
         # calling accumulate() twice.
         ks = tl.arange(0, BLOCK_K)
@@ -202,7 +247,6 @@ def grouped_gemm_kernel(
         b_offsets = expert * stride_be + (k_first + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
         b_ptrs = b_ptr + b_offsets
         b2_ptrs = b2_ptr + b_offsets
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_first, k_last, BLOCK_K):
             k_ok = ks < k_last - k0  # unused when EVEN_K
             a = load_a_tile(a_ptrs, row_ok, k_ok, EVEN_K, DOT_PRECISION)

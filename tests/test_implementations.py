@@ -37,6 +37,12 @@ SPLIT_K = MoEConfig(16, GemmConfig(block_n=32, block_k=32, group_m=8, num_warps=
 SPLIT_M = MoEConfig(32, GemmConfig(block_n=32, block_k=32, group_m=3, num_warps=4, num_stages=2, split_m=2),
                     GemmConfig(block_n=16, block_k=32, group_m=2, num_warps=4, num_stages=2, split_m=2))
 
+# Weights (and the down projection's sorted rows) through TMA tensor descriptors; K tiles divide
+# d = 64 and f = 96, as the descriptor path needs. float32 operands keep the pointer path.
+TMA = MoEConfig(32, GemmConfig(block_n=32, block_k=32, group_m=3, num_warps=4, num_stages=2, tma=True),
+                GemmConfig(block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=2, tma=True))
+POINTERS = MoEConfig(32, dataclasses.replace(TMA.gate_up, tma=False), dataclasses.replace(TMA.down, tma=False))
+
 SHAPES = [(37, 96, 200, 5, 2), (64, 32, 48, 1, 1), (19, 40, 24, 4, 4), (1, 16, 24, 6, 3), (0, 16, 24, 4, 2)]
 
 
@@ -91,6 +97,34 @@ def test_split_k_down_projection(impl):
 def test_split_m_row_tiles(impl, dtype):
     p = Problem(28, 53, 72, 40, 3, 2, dtype=dtype)  # ~35 rows per expert: live and dead second tiles
     assert_close(run(impl, p, SPLIT_M), reference_of(p), dtype)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_tma_descriptors_match_pointer_loads(impl, dtype):
+    """~45 rows per expert in 32-row blocks: the down projection's A tiles read past their expert's rows
+    into the next expert's (and past the last row). Bitwise equal to the pointer path: same tiles, same
+    products, same order."""
+    p = Problem(31, 90, 64, 96, 4, 2, dtype=dtype)
+    y = run(impl, p, TMA)
+    assert_close(y, reference_of(p), dtype)
+    assert np.asarray(y).tobytes() == np.asarray(run(impl, p, POINTERS)).tobytes()
+    assert_grads_close(grads(impl, p, TMA), grads("reference", p), dtype)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", ["nan_in_x", "inf_in_w_down"])
+def test_tma_nonfinite_stays_in_its_rows(impl, case):
+    """A tile of one expert's rows also reads the next expert's rows through its descriptor: a NaN or
+    Inf there must still reach only the outputs that touch it."""
+    p = Problem(44, 23, 64, 96, 4, 2, dtype=jnp.bfloat16)
+    setattr(p, _FIELD[case], NONFINITE_CASES[case](p))
+    y, y_ref = run(impl, p, TMA), reference_of(p)
+    assert _nonfinite_rows(y_ref).any()
+    np.testing.assert_array_equal(_nonfinite_rows(y), _nonfinite_rows(y_ref))
+    finite = ~_nonfinite_rows(y_ref)
+    assert rel_err(np.asarray(y.astype(jnp.float32))[finite], np.asarray(y_ref.astype(jnp.float32))[finite]) \
+        <= TOLERANCE[jnp.dtype(jnp.bfloat16)]
 
 
 UNSPLIT = dataclasses.replace(SPLIT_K, down=dataclasses.replace(SPLIT_K.down, split_k=1))

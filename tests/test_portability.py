@@ -6,10 +6,11 @@ launch layer (jaxmoe/portability.py), so this compiles exactly what "triton" wou
 
 import subprocess
 import sys
+import types
 
 import pytest
 
-from jaxmoe import portability
+from jaxmoe import launch, portability
 
 RECORDS = portability.shipped_launches()
 
@@ -49,3 +50,43 @@ def test_interpreter_leaves_triton_able_to_compile(tmp_path, monkeypatch):
         "assert portability.compile_record(record, 'sm_90').asm['cubin']\n")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tma_launches_supply_the_scratch_their_descriptors_need():
+    """Kernels that build TMA descriptors write them to per-program global scratch; the launch must
+    supply at least what the compiled kernel asks for (jaxmoe.launch passes it on jax-triton 0.3)."""
+    tma = [r for r in RECORDS if r.constexprs.get("TMA")]
+    assert tma, "the shipped table has a TMA config (the Mixtral down projection)"
+    for record in tma + [r for r in RECORDS if not r.constexprs.get("TMA")][:3]:
+        needed = portability.compile_record(record, "sm_90").metadata.global_scratch_size
+        assert needed <= record.scratch_per_program, portability.describe(record)
+        assert (needed > 0) == bool(record.constexprs.get("TMA")), portability.describe(record)
+
+
+def test_scratch_output_lands_in_the_global_scratch_slot():
+    """On jax-triton 0.3, launch() adds one output past a TMA kernel's parameters; the wrapped compile
+    step sees the kernel's own signature and gives that extra array a pointer attribute, so jax-triton
+    passes it right after the kernel's parameters: the global scratch slot of Triton's launch ABI."""
+    from jaxmoe.kernels import grouped_gemm
+
+    calls = []
+
+    def original(backend_init_func, platform, fn, arg_dtypes, scalar_args, **kwargs):
+        calls.append(list(arg_dtypes))
+        return "kernel", {(i,): [["tt.divisibility", 16]] if t.startswith("*") else [] for i, t in enumerate(arg_dtypes)}
+
+    triton_lib = types.SimpleNamespace(get_or_create_triton_kernel=original)
+    launch._supply_scratch(triton_lib)
+    launch._supply_scratch(triton_lib)  # idempotent: wraps once
+    fn = grouped_gemm.grouped_gemm_kernel
+    n_params = len(fn.arg_names) - len(fn.constexprs)
+    dtypes = ["*bf16"] * 8 + ["i32", "i32", "*bf16"]
+    assert len(dtypes) == n_params
+
+    kernel, attrs = triton_lib.get_or_create_triton_kernel(None, "cuda", fn, dtypes, ())
+    assert calls[-1] == dtypes and (n_params,) not in attrs  # a kernel without scratch: unchanged
+
+    launch._SCRATCH_KERNELS.add(fn.fn)
+    kernel, attrs = triton_lib.get_or_create_triton_kernel(None, "cuda", fn, dtypes + ["*i8"], ())
+    assert calls[-1] == dtypes  # compiled with the kernel's own signature
+    assert attrs[(n_params,)] == [["tt.divisibility", 16]]

@@ -39,6 +39,8 @@ def dispatch_bucket(n_assignments: int) -> int:
 # path is faster: Qwen3 at T=16 (128 x 128 entries) took 15.0 us in one program, 6.1 us in two launches
 # on an H200; at 128 x 64 (DeepSeek, T=16) the two paths tie.
 SINGLE_CHUNK_ENTRIES = 4096
+# Chunks (programs) of the two-launch path, for the largest batches; smaller ones get fewer.
+TARGET_CHUNKS = 128
 
 
 def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
@@ -61,7 +63,7 @@ def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
         block_tile = max(16, min(_next_pow2(max_row_blocks(bucket, E, block_m)), 16384 // block_e))
     else:
         sub = max(16, 4096 // block_e)
-        chunk = max(sub, min(4096, bucket // 128))  # about 128 chunks; bucket // chunk bounds their count
+        chunk = max(sub, min(4096, bucket // TARGET_CHUNKS))  # bucket // chunk bounds their count
         chunk_tile = max(16, min(bucket // chunk, 4096 // block_e))
         block_tile = max(16, 4096 // block_e)
     return dict(E=E, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, SUB=sub, CHUNK_TILE=chunk_tile,

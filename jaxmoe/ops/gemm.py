@@ -65,19 +65,37 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
         raise ValueError(f"split_m={gemm.split_m} must cut block_m={block_m} into tiles of at least 16 rows")
     k_per_split = _cdiv(_cdiv(K, gemm.block_k), splits) * gemm.block_k
     width = 3 * N if store_preact else N
+    tma = gemm.tma and _tma_fits(a, b, K, N, gemm.block_k, concat_k or transpose_b, mode)
+    descriptors = (1 + gated + (not gather_a)) if tma else 0
     out_shape = _out((n, width), out_dtype) if splits == 1 else _out((splits, n, N), _F32)
     (out,) = launch(
         gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, disp.sorted_assignments, disp.expert_offsets,
         disp.block_experts, disp.block_rows, n_blocks, n,
         grid=(n_blocks * gemm.split_m * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
-        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+        num_warps=gemm.num_warps, num_stages=gemm.num_stages, scratch_per_program=_TMA_DESCRIPTOR_BYTES * descriptors,
         N=N, K=K, TOP_K=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
         stride_om=width, BLOCK_M=block_m // gemm.split_m, SPLIT_M=gemm.split_m, BLOCK_N=gemm.block_n,
         BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
-        DOT_PRECISION=precision)
+        DOT_PRECISION=precision, TMA=tma, E=E)
     return out
+
+
+_TMA_DESCRIPTOR_BYTES = 128  # one CUtensorMap in the program's global scratch
+
+
+def _tma_fits(a, b, K: int, N: int, block_k: int, other_layout: bool, mode: str) -> bool:
+    """Whether the tensor-descriptor path can run these operands (GemmConfig.tma asks for it).
+
+    16-bit operands (float32 keeps the pointer path: its tf32 rounding happens on loaded tiles), K a
+    multiple of the K tile (B is viewed as [E*K, N], so a tile must not cross into the next expert),
+    16-byte aligned rows (TMA's stride rule: N and A's row width multiples of 8 elements), int32
+    descriptor coordinates (E*K < 2^31), B in its forward layout, and NVIDIA (on AMD the kernels keep
+    the pointer path they are tested with).
+    """
+    return (jnp.dtype(a.dtype).itemsize == 2 and K % block_k == 0 and N % 8 == 0 and a.shape[1] % 8 == 0
+            and b.shape[0] * K < 2**31 and not other_layout and not _on_rocm(mode))
 
 
 def dh_gemm(dy, w_down, hgu, row_weights, disp: Dispatch, *, top_k: int, block_m: int, gemm: configs.GemmConfig,

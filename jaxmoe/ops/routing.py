@@ -14,6 +14,9 @@ from jaxmoe.launch import launch
 from jaxmoe.ops._util import F32 as _F32, I32 as _I32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
 from jaxmoe.routing import Routing, expert_probs, selected_weights
 
+_ROUTE_WARPS = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class _RouteOptions:
     top_k: int
@@ -37,10 +40,14 @@ def _route_forward(logits, bias, options: _RouteOptions):
     if T == 0:
         return jnp.zeros((0, k), _F32), jnp.zeros((0, k), _I32), jnp.zeros((0, E), _F32)
     block_e = _next_pow2(E)
-    block_t = max(1, min(64, 1024 // block_e))  # one warp: up to 32 elements of a row tile per lane
+    # Each warp owns whole rows, 4 scores per lane (one row per warp from 128 experts up), so the k
+    # rounds of row maxima are warp shuffles with no shared memory; rows of different warps run in
+    # parallel. One warp holding 8 rows of 128 experts ran ~5000 dependent instructions: 15 us for
+    # Qwen3's routing on an H200 at every T.
+    block_t = _ROUTE_WARPS * max(1, 128 // block_e)
     weights, ids, probs = launch(
         routing_kernels.topk_routing_kernel, logits, logits if bias is None else bias, T,
-        grid=(_cdiv(T, block_t),), mode=options.mode, num_warps=1,
+        grid=(_cdiv(T, block_t),), mode=options.mode, num_warps=_ROUTE_WARPS,
         out_shapes=[_out((T, k), _F32), _out((T, k), _I32), _out((T, E), _F32)],
         E=E, TOP_K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_next_pow2(k),
         SIGMOID=options.scoring == "sigmoid", RENORMALIZE=options.renormalize, HAS_BIAS=bias is not None)
