@@ -73,9 +73,9 @@ def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfi
     if not gated and block_m <= 32 and K >= 4096:
         found += [configs.GemmConfig(bn, bk, 8, w, s, split) for bn, bk, w, s, split in SPLIT_DOWN]
     if not gated and block_m >= 64:
-        # Weights and rows through TMA descriptors: on an H200 (Triton 3.6) 1-3% faster for Mixtral's
+        # Weights and rows through TMA descriptors: on an H200 (Triton 3.6) 3-5% faster for Mixtral's
         # long-K down projection, 2-10% slower for short K, where building the descriptors in every
-        # program costs more than the tile's loads save (benchmarks/RESULTS.md).
+        # program costs more than the tile's loads save (benchmarks/RESULTS.md, 2026-11-30).
         found += [dataclasses.replace(g, tma=True) for g in found if g.split_m == 1 and g.block_n == 256]
     return found
 
