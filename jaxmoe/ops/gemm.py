@@ -78,7 +78,7 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
         BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
-        DOT_PRECISION=precision, TMA=tma, E=E)
+        DOT_PRECISION=precision, TMA=tma, E=E if tma else 0)  # E only shapes descriptors: no compile per E
     return out
 
 
