@@ -42,11 +42,7 @@ def variants(picked: configs.GemmConfig, gemm: str, block_m: int, tma_too: bool)
     for bn, bk, w, s in EXTRA[(gemm, size)]:
         for tma in (False, True) if tma_too else (picked.tma,):
             found.append(configs.GemmConfig(bn, bk, picked.group_m, w, s, tma=tma))
-    unique = []
-    for g in found:
-        if g not in unique:
-            unique.append(g)
-    return unique
+    return list(dict.fromkeys(found))  # in order, each config once
 
 
 def compare(out, baseline) -> tuple[float, bool]:
