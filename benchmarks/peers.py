@@ -37,8 +37,9 @@ def _tokamax_general(lhs, rhs, group_sizes, dims, precision, preferred_element_t
 tokamax_ragged_dot = reference.make_ragged_dot(_tokamax_general)
 
 
-def lax_route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None) -> Routing:
-    """Routing as plain jax.lax code writes it, for the peer rows: jax.lax.top_k on the float scores.
+def lax_route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None):
+    """Routing as plain jax.lax code writes it, for the peer rows: jax.lax.top_k on the float scores,
+    then the aux losses' statistics in jax.lax (reference.router_stats). Returns (Routing, RouterStats).
 
     jaxmoe.route selects by integer keys (jaxmoe.routing.score_keys: a NaN ranks first on every
     backend); XLA may run an integer top-k by another, slower kernel, which would slow the peers and
@@ -47,7 +48,8 @@ def lax_route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None) 
     probs = expert_probs(logits, scoring)
     scores = probs if bias is None else probs + bias.astype(jnp.float32)
     ids = jax.lax.top_k(scores, top_k)[1].astype(jnp.int32)
-    return Routing(selected_weights(probs, ids, renormalize), ids, probs)
+    routing = Routing(selected_weights(probs, ids, renormalize), ids, probs)
+    return routing, reference.router_stats(logits, routing, logits.shape[-1])
 
 
 def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
@@ -87,7 +89,7 @@ def make_forward(impl: str, k: int):
         ragged_dot = tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot
         expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
         return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
-                                 bias=None, route_fn=lax_route, expert_ffn_fn=expert_ffn)
+                                 bias=None, routing_fn=lax_route, expert_ffn_fn=expert_ffn)
     return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
 
 

@@ -46,17 +46,18 @@ def resolve_implementation(implementation: str | None) -> str:
 
 
 def _stages(implementation: str | None):
-    """(route_fn, expert_ffn_fn) for an implementation, both with the reference signatures."""
+    """(routing_fn, expert_ffn_fn) for an implementation, with the signatures of
+    reference.route_with_stats and reference.expert_ffn."""
     impl = resolve_implementation(implementation)
     if impl == "xla":
-        return route, _batchable_expert_ffn(impl)
+        return reference.route_with_stats, _batchable_expert_ffn(impl)
     try:
         from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
     except ImportError as err:
         raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton "
                           f"(pip install 'jaxmoe[gpu]'); implementation='xla' needs neither") from err
 
-    return functools.partial(ops.route, mode=impl), _batchable_expert_ffn(impl)
+    return functools.partial(ops.route_with_stats, mode=impl), _batchable_expert_ffn(impl)
 
 
 @functools.cache
@@ -120,12 +121,12 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "s
       (y [..., d] in x's dtype, MoEAux). With a mesh, y is sharded over the token axes on its flattened
       leading dims and the aux losses equal the unsharded ones.
     """
-    route_fn, expert_ffn_fn = _stages(implementation)
+    routing_fn, expert_ffn_fn = _stages(implementation)
     if mesh is None and expert_axis is None and data_axis is None:
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                      renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                      renormalize=renormalize, bias=bias, routing_fn=routing_fn,
                                       expert_ffn_fn=expert_ffn_fn)
     return sharding.sharded_moe(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                renormalize=renormalize, bias=bias, routing_fn=routing_fn,
                                 expert_ffn_fn=expert_ffn_fn, mesh=mesh, expert_axis=expert_axis,
                                 data_axis=data_axis)

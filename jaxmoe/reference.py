@@ -273,6 +273,13 @@ def router_stats(logits: jax.Array, routing: Routing, E: int) -> RouterStats:
                        jnp.int32(routing.ids.shape[0]))
 
 
+def route_with_stats(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+                     bias=None) -> tuple[Routing, RouterStats]:
+    """`route`, and the RouterStats of its selection: the routing stage of `moe_pipeline`."""
+    routing = route(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+    return routing, router_stats(logits, routing, logits.shape[-1])
+
+
 def finalize_aux(stats: RouterStats, top_k: int) -> MoEAux:
     """The aux-loss formulas, from (possibly cross-device summed) RouterStats."""
     E = stats.expert_counts.shape[0]
@@ -301,22 +308,28 @@ def router_logits(x2d: jax.Array, router_weight: jax.Array) -> jax.Array:
     return jnp.dot(x2d.astype(jnp.float32), router_weight.astype(jnp.float32))
 
 
-def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias, route_fn: Callable):
-    """x2d [T, d] -> (logits [T, E] float32, Routing): the router matmul and the routing stage."""
+def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias,
+                 routing_fn: Callable) -> tuple[Routing, RouterStats]:
+    """x2d [T, d] -> (Routing, RouterStats): the router matmul and the routing stage.
+
+    routing_fn has the signature and meaning of `route_with_stats`: logits [T, E] float32 -> (Routing,
+    RouterStats); the Triton stage computes both in one kernel.
+    """
     logits = router_logits(x2d, router_weight)
-    return logits, route_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+    return routing_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
 
 
 def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
-                 route_fn: Callable, expert_ffn_fn: Callable):
-    """x [..., d] -> (y [..., d], MoEAux), with the routing and expert stages supplied by the caller."""
-    d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
+                 routing_fn: Callable, expert_ffn_fn: Callable):
+    """x [..., d] -> (y [..., d], MoEAux), with the routing and expert stages supplied by the caller
+    (routing_fn as in `route_tokens`)."""
+    d, _ = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, d)
-    logits, routing = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
-                                   bias=bias, route_fn=route_fn)
+    routing, stats = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
+                                  bias=bias, routing_fn=routing_fn)
     y = expert_ffn_fn(x2d, routing.weights, routing.ids, w_gate, w_up, w_down)
-    return y.reshape(*lead, d), aux_losses(logits, routing, E)
+    return y.reshape(*lead, d), finalize_aux(stats, top_k)
 
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", renormalize=True, bias=None,
@@ -325,8 +338,9 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", ren
     if implementation not in (None, "xla"):
         raise ValueError(f"jaxmoe.reference.moe runs only implementation='xla', got {implementation!r}")
     return moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                        renormalize=renormalize, bias=bias, route_fn=route, expert_ffn_fn=grouped_expert_ffn)
+                        renormalize=renormalize, bias=bias, routing_fn=route_with_stats,
+                        expert_ffn_fn=grouped_expert_ffn)
 
 
-__all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "Routing", "expert_ffn",
-           "expert_probs", "make_ragged_dot", "moe", "permute_rows", "route"]
+__all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "RouterStats", "Routing",
+           "expert_ffn", "expert_probs", "make_ragged_dot", "moe", "permute_rows", "route", "route_with_stats"]

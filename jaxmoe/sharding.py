@@ -1,8 +1,9 @@
 """Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`.
 
 Everything goes through JAX's own sharding (a Mesh, `jax.shard_map`, XLA collectives); the per-device
-work is the single-device pipeline (`reference.route_tokens`, the implementation's expert FFN,
-`reference.router_stats`), so the fused kernels run on every device, forward and backward.
+work is the single-device pipeline (`reference.route_tokens`, which gives the routing and its
+RouterStats, and the implementation's expert FFN), so the fused kernels run on every device, forward
+and backward.
 
 Layout. x, flattened to [T, d], is split over the token axes: data_axis and expert_axis together (the
 expert-parallel devices split the batch too, as in GShard and DeepSpeed-MoE, so no token is routed
@@ -110,7 +111,7 @@ def _explicit_reshard(a, mesh, spec: P):
 
 
 def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
-                route_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
+                routing_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
     """`reference.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
     d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
     expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
@@ -133,18 +134,18 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
                          f"devices of {sizes}")
     if T == 0:  # nothing to distribute
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                      renormalize=renormalize, bias=bias, route_fn=route_fn,
+                                      renormalize=renormalize, bias=bias, routing_fn=routing_fn,
                                       expert_ffn_fn=expert_ffn_fn)
 
     def local(x_l, router_weight, w_gate, w_up, w_down, bias):
-        logits, routing = reference.route_tokens(x_l, router_weight, top_k=top_k, scoring=scoring,
-                                                 renormalize=renormalize, bias=bias, route_fn=route_fn)
+        routing, stats = reference.route_tokens(x_l, router_weight, top_k=top_k, scoring=scoring,
+                                                 renormalize=renormalize, bias=bias, routing_fn=routing_fn)
         if expert_axis is None:
             y = expert_ffn_fn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down)
         else:
             y = _expert_parallel_ffn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down,
                                      expert_axis=expert_axis, devices=P_e, expert_ffn_fn=expert_ffn_fn)
-        stats = jax.lax.psum(reference.router_stats(logits, routing, E), token_axes)
+        stats = jax.lax.psum(stats, token_axes)
         return y, reference.finalize_aux(stats, top_k)
 
     tokens = P(token_axes, None)

@@ -4,10 +4,19 @@
     ids[t]    = top_k(probs[t] + bias), lower id first on ties, NaN above every number
     weights[t] = probs[t, ids[t]] / (sum of them, if RENORMALIZE)
 
-Tiling: each program owns BLOCK_T tokens and the whole expert row (BLOCK_E >= E, a power of two) in
-one warp, so softmax and top-k are row reductions in registers and warp shuffles, with no shared
-memory or barriers between the k rounds (a decode step's routing is a chain of such rounds; with rows
-spread over 4 warps it took 27 us for Qwen3's 16 tokens on an H200).
+and, per program, the sums over its tokens that the aux losses need (jaxmoe.reference.RouterStats;
+the caller adds up the programs' partial sums in one fixed order, so the totals are deterministic):
+
+    expert_counts[e, p] = #{(t, j) : ids[t, j] = e},   prob_sums[e, p] = sum_t probs[t, e],
+    z_squared[p] = sum_t logsumexp(logits[t])^2
+
+(t over program p's tokens; expert-major, so the caller's sums over programs run along contiguous rows).
+
+Tiling: each program owns BLOCK_T tokens; each warp owns whole rows (BLOCK_E >= E, a power of two),
+so softmax and top-k are row reductions in registers and warp shuffles, with no shared memory or
+barriers between the k rounds (a decode step's routing is a chain of such rounds; with each row
+spread over 4 warps it took 27 us for Qwen3's 16 tokens on an H200). Only the per-program sums over
+tokens cross warps, once each, at the end.
 
 Top-k is TOP_K rounds of one max each, over a 64-bit key per expert that orders (score, lower id):
 the score's float bits mapped to an integer of the same order in the high half (NaN above every
@@ -53,6 +62,9 @@ def topk_routing_kernel(
     weights_ptr,  # [T, TOP_K] float32
     ids_ptr,  # [T, TOP_K] int32
     probs_ptr,  # [T, E] float32
+    counts_ptr,  # [E, programs] int32
+    prob_sums_ptr,  # [E, programs] float32
+    z_squared_ptr,  # [programs] float32
     # meta-parameters
     E: tl.constexpr,  # the row stride: constexpr so loads of whole rows vectorise
     TOP_K: tl.constexpr,
@@ -82,6 +94,16 @@ def topk_routing_kernel(
     probs = tl.where(tile_ok, probs, 0.0)
     tl.store(probs_ptr + tokens[:, None] * E + experts[None, :], probs, mask=tile_ok)
 
+    # logsumexp as jax.nn.logsumexp computes it: an infinite row maximum is replaced by 0, so a row of
+    # -inf gives -inf and a row holding +inf gives +inf; a NaN anywhere in the row gives NaN.
+    lse_max = tl.max(logits, axis=1)
+    lse_max = tl.where((lse_max == lse_max) & (tl.abs(lse_max) != float("inf")), lse_max, 0.0)
+    lse = tl.log(tl.sum(tl.exp(logits - lse_max[:, None]), axis=1)) + lse_max
+    program = tl.program_id(0)
+    partial_sums = experts.to(tl.int64) * tl.num_programs(0) + program  # [E, programs] offsets
+    tl.store(z_squared_ptr + program, tl.sum(tl.where(token_ok, lse * lse, 0.0), axis=0))
+    tl.store(prob_sums_ptr + partial_sums, tl.sum(probs, axis=0), mask=expert_ok)
+
     scores = probs + 0.0  # + 0.0 turns -0.0 into +0.0, which the float comparison ties with it
     if HAS_BIAS:
         scores = scores + tl.load(bias_ptr + experts, mask=expert_ok, other=0.0)[None, :]
@@ -102,6 +124,10 @@ def topk_routing_kernel(
         picked_ids = tl.where(slots[None, :] == slot, best_id[:, None], picked_ids)
         picked_weights = tl.where(slots[None, :] == slot, weight[:, None], picked_weights)
         keys = tl.where(chosen, _PICKED, keys)
+
+    # Picked experts hold _PICKED keys now (every other key is above it).
+    picked = token_ok[:, None] & (keys == _PICKED)
+    tl.store(counts_ptr + partial_sums, tl.sum(picked.to(tl.int32), axis=0), mask=expert_ok)
 
     if RENORMALIZE:
         # float32 tiny guards sigmoid weights that all underflow; a NaN sum stays NaN, as in jnp.maximum

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
@@ -61,14 +63,31 @@ def test_skewed_and_invalid_ids(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_many_chunks(mode):
-    """Enough assignments for several dispatch chunks, so chunk prefix sums are exercised."""
+    """Enough assignments for several dispatch chunks, so chunk prefix sums are exercised (9 chunks: each
+    scatter program adds them; test_random_ids' E = 130 case has 57, through the prefix pass)."""
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 4, size=(4500, 2)).astype(np.int32)
     check_dispatch(ids, 4, 32, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("T, first", [(40, 3), (2300, 4)])  # one launch; several chunks (two launches)
+def test_chunk_prefix_over_several_tiles(mode, monkeypatch):
+    """The prefix pass carries its running sums from one tile of chunks to the next, and scans experts
+    in several programs (E = 11 over tiles of 4, the last part padding)."""
+    dispatch_module = importlib.import_module("jaxmoe.ops.dispatch")
+    monkeypatch.setattr(dispatch_module, "PREFIX_CHUNK_TILE", 4)
+    monkeypatch.setattr(dispatch_module, "UNPREFIXED_CHUNKS", 2)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 11, size=(1300, 3)).astype(np.int32)  # 3900 assignments: 16 chunks of 256
+    ids[:400] = 7  # a run of one expert across several chunks
+    tiles = dispatch_module._tiles(ids.size, 11, 16)
+    assert tiles["PREFIXED"] and tiles["CHUNK_TILE"] == 4 and tiles["EXPERT_TILE"] == 4
+    assert ids.size // tiles["CHUNK"] > 3 * tiles["CHUNK_TILE"]  # 4 tiles of chunks
+    check_dispatch(ids, 11, 16, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, first", [(40, 3), (2300, 4)])  # one launch; several chunks (three launches)
 def test_local_expert_range(mode, T, first):
     """A device holding global experts [first, first + 4) of 12: assignments to the others are dropped."""
     rng = np.random.default_rng(T)

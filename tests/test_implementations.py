@@ -355,6 +355,65 @@ def test_routing_kernel_edge_scores(impl):
     assert np.isnan(np.asarray(nan_row.weights)[0]).all() and np.isfinite(np.asarray(nan_row.weights)[1]).all()
 
 
+def _assert_stats_match(got, want):
+    np.testing.assert_array_equal(got.expert_counts, want.expert_counts)
+    np.testing.assert_allclose(got.prob_sums, want.prob_sums, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.z_squared_sum, want.z_squared_sum, rtol=1e-5)
+    assert int(got.tokens) == int(want.tokens)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("T, E, k, scoring, with_bias", [
+    (300, 12, 3, "softmax", False),  # 10 programs of 32 rows, the last part padding
+    (37, 128, 8, "sigmoid", True),  # 10 programs of 4 rows
+    (16, 128, 8, "softmax", False),  # a decode step: 4 programs of 4 rows
+    (45, 12, 3, "sigmoid", False),  # 2 programs of 32 rows, the second part padding
+    (5, 1, 1, "softmax", False),  # E = 1: every token on expert 0, prob 1, logsumexp = the logit
+    (6, 4, 4, "softmax", False),  # k = E
+])
+def test_routing_kernel_stats_match_reference(impl, T, E, k, scoring, with_bias):
+    """The aux losses' sums over tokens from the routing kernel (partial sums per program, added in
+    program order) equal jax.lax's over the same routing, and their gradients flow to the logits."""
+    logits = jax.random.normal(jax.random.key(T), (T, E)) * 3
+    bias = jnp.linspace(-0.2, 0.2, E) if with_bias else None
+    kw = dict(scoring=scoring, bias=bias)
+    routing, stats = ops.route_with_stats(logits, k, mode=impl, **kw)
+    want_routing, want_stats = jaxmoe.reference.route_with_stats(logits, k, **kw)
+    np.testing.assert_array_equal(routing.ids, want_routing.ids)
+    _assert_stats_match(stats, want_stats)
+
+    def loss(fn):
+        def inner(lg):
+            r, s = fn(lg)
+            return (jnp.sum(r.weights * jnp.arange(1.0, k + 1.0)) + jnp.sum(s.prob_sums * jnp.arange(E))
+                    + 0.1 * s.z_squared_sum)
+        return inner
+
+    got = jax.grad(loss(lambda lg: ops.route_with_stats(lg, k, mode=impl, **kw)))(logits)
+    want = jax.grad(loss(lambda lg: jaxmoe.reference.route_with_stats(lg, k, **kw)))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+def test_routing_kernel_stats_nonfinite_and_empty(impl):
+    """A NaN logit makes its row's logsumexp NaN, so z_squared_sum and (softmax) every prob sum are NaN,
+    as in jax.lax; a row of -inf logits has logsumexp -inf (z^2 = inf); +inf gives +inf. T = 0: zeros."""
+    E = 6
+    base = jax.random.normal(jax.random.key(11), (9, E))
+    cases = {"nan": base.at[4, 2].set(jnp.nan), "neg_inf_row": base.at[3].set(-jnp.inf),
+             "pos_inf": base.at[7, 0].set(jnp.inf)}
+    for name, logits in cases.items():
+        for scoring in ("softmax", "sigmoid"):
+            _, stats = ops.route_with_stats(logits, 2, scoring=scoring, mode=impl)
+            _, want = jaxmoe.reference.route_with_stats(logits, 2, scoring=scoring)
+            np.testing.assert_array_equal(np.isnan(stats.prob_sums), np.isnan(want.prob_sums), err_msg=name)
+            assert np.array_equal(np.asarray(stats.z_squared_sum), np.asarray(want.z_squared_sum), equal_nan=True) \
+                or np.isclose(stats.z_squared_sum, want.z_squared_sum, rtol=1e-5), (name, scoring)
+            assert not np.isfinite(want.z_squared_sum), (name, "the case must reach the z loss")
+    _, stats = ops.route_with_stats(jnp.zeros((0, E)), 2, mode=impl)
+    _assert_stats_match(stats, jaxmoe.reference.route_with_stats(jnp.zeros((0, E)), 2)[1])
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 def test_moe_end_to_end(impl):
     p = Problem(25, 30, 32, 48, 6, 2)

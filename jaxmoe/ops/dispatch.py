@@ -35,23 +35,26 @@ def dispatch_bucket(n_assignments: int) -> int:
     return _next_pow2(n_assignments)
 
 
-# The largest one-hot tile (bucket of n x BLOCK_E) the one-program path sorts. Above it the two-launch
+# The largest one-hot tile (bucket of n x BLOCK_E) the one-program path sorts. Above it the multi-launch
 # path is faster: Qwen3 at T=16 (128 x 128 entries) took 15.0 us in one program, 6.1 us in two launches
 # on an H200; at 128 x 64 (DeepSeek, T=16) the two paths tie.
 SINGLE_CHUNK_ENTRIES = 4096
-# Chunks (programs) of the two-launch path, for the largest batches; smaller ones get fewer. Every scatter
-# program reads all chunks' counts, so more chunks cost quadratically: on an H200, 256 chunks took Qwen3's
-# T=8192 dispatch from 57 to 45 us but T=2048's from 20 to 23 us, 512 or more were slower everywhere.
-TARGET_CHUNKS = 128
+# Sub-tiles of SUB assignments per chunk (program) of the multi-launch path. The chunk prefix pass makes
+# many small chunks cheap, and more programs hide the latency of each one's serial steps.
+SUBS_PER_CHUNK = 1
+# The prefix pass scans [PREFIX_CHUNK_TILE, PREFIX_EXPERT_TILE] tiles of the chunk counts.
+PREFIX_CHUNK_TILE = 1024
+PREFIX_EXPERT_TILE = 4
+UNPREFIXED_CHUNKS = 32
 
 
 def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
     """Dispatch's constexprs, from the bucket of n alone.
 
-    CHUNK, SUB, CHUNK_TILE and BLOCK_TILE size register tiles (or loops over them), so they stay
-    compile-time values: choosing them from dispatch_bucket(n), not from n, makes every batch size of a
-    bucket share one compile, and a model a log-many set of them. n itself, the chunk count and the row
-    blocks are runtime arguments, which the tiles cover for every n of the bucket.
+    CHUNK, SUB, CHUNK_TILE, EXPERT_TILE and BLOCK_TILE size register tiles (or loops over them), so they
+    stay compile-time values: choosing them from dispatch_bucket(n), not from n, makes every batch size
+    of a bucket share one compile, and a model a log-many set of them. n itself, the chunk count and the
+    row blocks are runtime arguments, which the tiles cover for every n of the bucket.
     """
     bucket = dispatch_bucket(n_assignments)
     block_e = _next_pow2(E)
@@ -61,19 +64,27 @@ def _tiles(n_assignments: int, E: int, block_m: int) -> dict:
     single_chunk = bucket * block_e <= SINGLE_CHUNK_ENTRIES
     if single_chunk:
         chunk = sub = bucket
-        chunk_tile = 16  # one chunk: the chunk counts are not read
         block_tile = max(16, min(_next_pow2(max_row_blocks(bucket, E, block_m)), 16384 // block_e))
     else:
         sub = max(16, 4096 // block_e)
-        chunk = max(sub, min(4096, bucket // TARGET_CHUNKS))  # bucket // chunk bounds their count
-        chunk_tile = max(16, min(bucket // chunk, 4096 // block_e))
+        chunk = sub * SUBS_PER_CHUNK
         block_tile = max(16, 4096 // block_e)
-    return dict(E=E, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, SUB=sub, CHUNK_TILE=chunk_tile,
-                BLOCK_TILE=block_tile, SINGLE_CHUNK=single_chunk)
+    # Up to UNPREFIXED_CHUNKS chunks, each scatter program sums the chunk counts itself (one tile) and
+    # the prefix launch is skipped: Qwen3's T=16 dispatch (4 chunks) took 6.1 us with it, 5.7 without.
+    chunks = _cdiv(bucket, chunk)
+    prefixed = not single_chunk and chunks > UNPREFIXED_CHUNKS
+    chunk_tile = min(PREFIX_CHUNK_TILE, _next_pow2(chunks)) if prefixed else max(16, _next_pow2(chunks))
+    return dict(E=E, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, SUB=sub, BLOCK_TILE=block_tile,
+                SINGLE_CHUNK=single_chunk, PREFIXED=prefixed, CHUNK_TILE=chunk_tile,
+                EXPERT_TILE=min(PREFIX_EXPERT_TILE, block_e))
+
+
+def _kernel_tiles(tiles: dict, *names: str) -> dict:
+    return {name: tiles[name] for name in names}
 
 
 def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str, expert_first=None) -> Dispatch:
-    """Sorts assignments by expert on the device: one launch for small batches, two otherwise.
+    """Sorts assignments by expert on the device: one launch for the smallest batches, two or three otherwise.
 
     The device holds experts [expert_first, expert_first + E) (expert_first: a traced or Python int,
     None for 0); ids outside that range are not local and are dropped (kernels/dispatch.py). Every
@@ -88,15 +99,22 @@ def dispatch(flat_ids: jax.Array, E: int, block_m: int, mode: str, expert_first=
     n_chunks = _cdiv(n, tiles["CHUNK"])
     flat_ids = flat_ids.astype(_I32)
 
-    if single_chunk:
-        chunk_counts = flat_ids  # not read
-    else:
-        count_tiles = {key: tiles[key] for key in ("E", "CHUNK", "SUB", "BLOCK_E")}
+    chunk_counts = chunk_before = expert_totals = flat_ids  # stand-ins for what is not read
+    if not single_chunk:
         (chunk_counts,) = launch(dispatch_kernels.count_chunks_kernel, flat_ids, expert_first, n, grid=(n_chunks,),
-                                 mode=mode, out_shapes=[_out((n_chunks, E), _I32)], **count_tiles)
+                                 mode=mode, out_shapes=[_out((n_chunks, E), _I32)],
+                                 **_kernel_tiles(tiles, "E", "CHUNK", "SUB", "BLOCK_E"))
+    if tiles["PREFIXED"]:
+        chunk_before, expert_totals = launch(
+            dispatch_kernels.chunk_prefix_kernel, chunk_counts, n_chunks, grid=(_cdiv(E, tiles["EXPERT_TILE"]),),
+            mode=mode, out_shapes=[_out((n_chunks, E), _I32), _out((E,), _I32)],
+            **_kernel_tiles(tiles, "E", "CHUNK_TILE", "EXPERT_TILE"))
     outs = launch(
-        dispatch_kernels.scatter_kernel, flat_ids, expert_first, chunk_counts, n, n_chunks, n_blocks,
+        dispatch_kernels.scatter_kernel, flat_ids, expert_first, chunk_counts, chunk_before, expert_totals, n,
+        n_chunks, n_blocks,
         grid=(n_chunks,), mode=mode, num_warps=8 if single_chunk else 4,
         out_shapes=[_out((n,), _I32), _out((n,), _I32), _out((E + 1,), _I32), _out((n_blocks,), _I32),
-                    _out((n_blocks,), _I32)], **tiles)
+                    _out((n_blocks,), _I32)],
+        **_kernel_tiles(tiles, "E", "BLOCK_M", "CHUNK", "SUB", "BLOCK_E", "BLOCK_TILE", "CHUNK_TILE", "SINGLE_CHUNK",
+                       "PREFIXED"))
     return Dispatch(*outs)

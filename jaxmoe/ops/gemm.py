@@ -19,7 +19,7 @@ from jaxmoe.kernels import grouped_gemm as gemm_kernels
 from jaxmoe.kernels import grouped_gemm_bwd as bwd_kernels
 from jaxmoe.launch import launch
 from jaxmoe.ops._util import F32 as _F32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
-from jaxmoe.ops.dispatch import Dispatch
+from jaxmoe.ops.dispatch import Dispatch, dispatch_bucket
 
 
 def dot_precision(dtype, mode: str) -> str:
@@ -144,11 +144,31 @@ def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: s
     splits, n, D = expert_rows.shape
     if n != T * top_k:  # the kernel finds the planes T * top_k rows apart
         raise ValueError(f"combine needs T * top_k = {T * top_k} rows per plane, got {n}")
-    block_d = min(1024, _next_pow2(D))
-    block_t = max(1, 4096 // block_d)
+    # Tiles from the dispatch's bucket of T * top_k, not from T, so batch sizes of a bucket share a compile.
+    block_t, block_d = _combine_tile(max(1, dispatch_bucket(T * top_k) // top_k), D)
     # 8 warps keep more row loads in flight: Qwen3-sized rows (T=8192, k=8, d=2048, float32) took 0.150 ms
     # against 0.176 with 4 warps on an H200 (3.8 against 3.3 TB/s); other tile shapes were slower.
+    # Smaller tiles (decode) get a warp per 256 elements.
+    num_warps = max(1, min(8, block_t * block_d // 256))
     (y,) = launch(combine_kernels.combine_kernel, expert_rows, assignment_rows, T,
                   grid=(_cdiv(T, block_t), _cdiv(D, block_d)), mode=mode, out_shapes=[_out((T, D), out_dtype)],
-                  num_warps=8, D=D, TOP_K=top_k, SPLITS=splits, BLOCK_T=block_t, BLOCK_D=block_d)
+                  num_warps=num_warps, D=D, TOP_K=top_k, SPLITS=splits, BLOCK_T=block_t, BLOCK_D=block_d)
     return y
+
+
+# A combine launch should have at least this many programs (about two per SM of an H100 or H200).
+COMBINE_MIN_PROGRAMS = 256
+
+
+def _combine_tile(tokens: int, D: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D): 4096-element tiles, which run at HBM bandwidth when there are many; with
+    few tokens they are halved (tokens first) down to 256 elements until the grid has
+    COMBINE_MIN_PROGRAMS programs. A Qwen3 decode step (T=16, d=2048) had 8 programs of 4 x 1024."""
+    block_d = min(1024, _next_pow2(D))
+    block_t = max(1, 4096 // block_d)
+    while _cdiv(tokens, block_t) * _cdiv(D, block_d) < COMBINE_MIN_PROGRAMS and block_t * block_d > 256:
+        if block_t > 1:
+            block_t //= 2
+        else:
+            block_d //= 2
+    return block_t, block_d
