@@ -72,7 +72,8 @@ def shipped_launches() -> list[launch.LaunchRecord]:
                                backward=True)
     for route_shape in _ROUTE_SHAPES:
         records += _record_route(*route_shape)
-    records += _record_dispatch(65536, 128)  # the two-launch path for large batches
+    records += _record_dispatch(1024, 128)  # several chunks, summed by each scatter program
+    records += _record_dispatch(65536, 128)  # many chunks: count, prefix pass, scatter
     unique = {}
     for record in records:
         unique.setdefault(record.compile_key, record)

@@ -17,8 +17,8 @@ RECORDS = portability.shipped_launches()
 
 def test_gate_covers_every_kernel():
     names = {r.kernel.__name__ for r in RECORDS}
-    assert names == {"topk_routing_kernel", "count_chunks_kernel", "scatter_kernel", "grouped_gemm_kernel",
-                     "combine_kernel", "dh_kernel", "weight_grad_kernel"}
+    assert names == {"topk_routing_kernel", "count_chunks_kernel", "chunk_prefix_kernel", "scatter_kernel",
+                     "grouped_gemm_kernel", "combine_kernel", "dh_kernel", "weight_grad_kernel"}
 
 
 @pytest.mark.parametrize("target", list(portability.TARGETS))
