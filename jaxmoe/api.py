@@ -7,7 +7,6 @@ import functools
 import jax
 
 from jaxmoe import _batching, _validate, reference, sharding
-from jaxmoe.routing import route
 
 IMPLEMENTATIONS = ("xla", "triton", "interpret")
 
