@@ -5,10 +5,9 @@ integer prefix sums, so the order within an expert is assignment order and runs 
 
 1. count_chunks_kernel (skipped when one chunk holds everything): program c counts, per expert,
    the assignments of its CHUNK-long slice                            -> chunk_counts [n_chunks, E]
-2. chunk_prefix_kernel (skipped with one chunk): per expert, the exclusive prefix sum over chunks
+2. chunk_prefix_kernel (skipped with few chunks, as a decode step has: then each scatter program
+   sums all chunks' counts itself, in one tile): per expert, the exclusive prefix sum over chunks
    and the total                                   -> chunk_before [n_chunks, E], expert_totals [E]
-   With few chunks (a decode step's) this launch is skipped, and each scatter program sums all
-   chunks' counts itself, in one tile.
 3. scatter_kernel: program c takes the expert totals (their prefix sum is where each expert's rows
    start) and its own row of chunk_before (the rows of each expert in earlier chunks), then ranks
    each assignment among the earlier ones of its expert in the slice (a cumulative sum of one-hot
@@ -156,10 +155,11 @@ def scatter_kernel(
         totals = tl.load(expert_totals_ptr + experts, mask=expert_ok, other=0)
         before = tl.load(chunk_before_ptr + chunk.to(tl.int64) * E + experts, mask=expert_ok, other=0)
     else:
-        counts = tl.load(chunk_counts_ptr + tl.arange(0, CHUNK_TILE)[:, None] * E + experts[None, :],
-                         mask=(tl.arange(0, CHUNK_TILE)[:, None] < n_chunks) & expert_ok[None, :], other=0)
+        chunks = tl.arange(0, CHUNK_TILE)
+        counts = tl.load(chunk_counts_ptr + chunks[:, None] * E + experts[None, :],
+                         mask=(chunks[:, None] < n_chunks) & expert_ok[None, :], other=0)
         totals = tl.sum(counts, axis=0)
-        before = tl.sum(tl.where(tl.arange(0, CHUNK_TILE)[:, None] < chunk, counts, 0), axis=0)
+        before = tl.sum(tl.where(chunks[:, None] < chunk, counts, 0), axis=0)
     expert_ends = tl.cumsum(totals, axis=0)
     expert_starts = expert_ends - totals
 

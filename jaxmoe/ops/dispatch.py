@@ -40,7 +40,8 @@ def dispatch_bucket(n_assignments: int) -> int:
 # on an H200; at 128 x 64 (DeepSeek, T=16) the two paths tie.
 SINGLE_CHUNK_ENTRIES = 4096
 # Sub-tiles of SUB assignments per chunk (program) of the multi-launch path. The chunk prefix pass makes
-# many small chunks cheap, and more programs hide the latency of each one's serial steps.
+# many small chunks cheap, and more programs hide the latency of each one's serial steps: on an H200,
+# Qwen3's T=2048 dispatch took 9.7 us at 1, 12.1 at 2, 14.9 at 4; at T=8192 all were 22-27 us.
 SUBS_PER_CHUNK = 1
 # The prefix pass scans [PREFIX_CHUNK_TILE, PREFIX_EXPERT_TILE] tiles of the chunk counts.
 PREFIX_CHUNK_TILE = 1024
