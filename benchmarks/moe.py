@@ -267,10 +267,12 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
             active = sum(per_set) / len(per_set)
             n_roof, m = roof_split(shape, T, active)
             xes = [normal((n_roof, m, shape.d)) for _ in range(N_INPUT_SETS)]
+            hes = [normal((n_roof, m, shape.f)) for _ in range(N_INPUT_SETS)]
+            dhes = [normal((n_roof, m, 2 * shape.f)) for _ in range(N_INPUT_SETS)]
             dyes = [normal((n_roof, m, shape.d)) for _ in range(N_INPUT_SETS)]
             # The first n_roof experts' weights, copied once here (outside timing) when n_roof < E.
             cut = [tuple(w[:n_roof] if n_roof < shape.E else w for w in ws) for ws in roof_wsets]
-            roof_sets = [(xes[i], *cut[i % n_wsets], dyes[i]) for i in range(N_INPUT_SETS)]
+            roof_sets = [(xes[i], hes[i], *cut[i % n_wsets], dhes[i], dyes[i]) for i in range(N_INPUT_SETS)]
             for pass_ in passes:
                 tag = f"[{shape.name} T={T} {pass_}]"
                 flops, nbytes = count_flops(shape, T, pass_), count_bytes(shape, T, active, pass_)

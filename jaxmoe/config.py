@@ -165,6 +165,46 @@ def _backward_defaults(block_m: int, dtype: str) -> tuple[GemmConfig, GemmConfig
     return dh, dx, dw
 
 
+# LDS (AMD's shared memory) a program may use on CDNA3 (MI300X, MI325X).
+ROCM_LDS_BYTES = 64 * 1024
+
+
+def _fit_lds(gemm, rows: int, b_tiles: int, itemsize: int):
+    """gemm (a GemmConfig or WeightGradConfig) unchanged if its pipelined operand tiles fit ROCM_LDS_BYTES;
+    else at most 2 stages, and the K tile halved (down to 16) until they fit."""
+    def lds_bytes(g):
+        # AMD's stream pipeliner keeps num_stages - 1 copies of the operand tiles in LDS.
+        return max(1, g.num_stages - 1) * (rows * g.block_k + b_tiles * g.block_k * g.block_n) * itemsize
+
+    if lds_bytes(gemm) <= ROCM_LDS_BYTES:
+        return gemm
+    gemm = dataclasses.replace(gemm, num_stages=min(gemm.num_stages, 2))
+    while lds_bytes(gemm) > ROCM_LDS_BYTES and gemm.block_k > 16:
+        gemm = dataclasses.replace(gemm, block_k=gemm.block_k // 2)
+    return gemm
+
+
+def for_rocm(cfg: MoEConfig, dtype: str) -> MoEConfig:
+    """cfg (backward fields filled) with every GEMM fitted to an AMD CDNA3 GPU's 64 KiB of LDS.
+
+    The table's and the heuristic's tiles come from Hoppers (up to 227 KiB of shared memory per
+    program); compiled for gfx942 the heuristic's forward grouped GEMMs needed 72-144 KiB, which an
+    MI300 refuses to launch. A GEMM that fits is left as it is (a config the caller chose, too); one
+    that does not gets at most 2 stages (what AMD's own MoE tunings use) and a smaller K tile.
+    jaxmoe.portability compiles the result for gfx942 and checks the LDS the compiler reports.
+    """
+    itemsize = 4 if dtype == "float32" else 2
+    tile_m = cfg.block_m
+    return dataclasses.replace(
+        cfg,
+        gate_up=_fit_lds(cfg.gate_up, tile_m // cfg.gate_up.split_m, 2, itemsize),  # gate and up tiles
+        down=_fit_lds(cfg.down, tile_m // cfg.down.split_m, 1, itemsize),
+        dh=_fit_lds(cfg.dh, tile_m, 1, itemsize),
+        dx=_fit_lds(cfg.dx, tile_m, 1, itemsize),
+        dw=_fit_lds(cfg.dw, cfg.dw.block_m, 1, itemsize),
+    )
+
+
 def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int) -> MoEConfig:
     bucket = rows_bucket(n_tokens, top_k, E)
     device = device_key(device_kind)
@@ -176,11 +216,15 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
     return heuristic(bucket, dtype, d, f)
 
 
-def shipped_configs() -> list[tuple[str, MoEConfig]]:
-    """Every distinct (dtype, config) this package can pick: the table's and the heuristic's."""
-    pairs = {(key.dtype, cfg.with_backward(key.dtype)) for key, cfg in _table().items()}
+def shipped_configs(devices=None, rocm: bool = False) -> list[tuple[str, MoEConfig]]:
+    """Every distinct (dtype, config, backward filled) this package can pick: the table's entries for the
+    given device keys (all when None) and the heuristic's; with rocm, each as for_rocm fits it."""
+    pairs = {(key.dtype, cfg.with_backward(key.dtype)) for key, cfg in _table().items()
+             if devices is None or key.device in devices}
     pairs |= {("float16", cfg) for dtype, cfg in list(pairs) if dtype == "bfloat16"}  # see select()
     for bucket in (1, 16, 64, 4096):  # one per heuristic branch
         for dtype in ("bfloat16", "float16", "float32"):
             pairs.add((dtype, heuristic(bucket, dtype, 128, 128).with_backward(dtype)))
+    if rocm:
+        pairs = {(dtype, for_rocm(cfg, dtype)) for dtype, cfg in pairs}
     return sorted(pairs, key=lambda pair: (pair[0], json.dumps(pair[1].to_json(), sort_keys=True)))

@@ -1,8 +1,11 @@
 """The portability gate: every kernel variant jaxmoe can launch, forward and backward, compiled for
-NVIDIA and AMD targets.
+NVIDIA and AMD targets, each within the shared memory (LDS on AMD) a program may use there.
 
 Variants are collected by tracing the real launch layer in "record" mode, so the gate compiles
-exactly the signatures and constexprs that ops.py would launch with each shipped config.
+exactly the signatures and constexprs that ops.py would launch with each shipped config on that
+target: the table's entries for its cards and the heuristic's, fitted by config.for_rocm on AMD.
+Pointers carry the 16-byte alignment jax-triton declares, as in a real launch: it changes the
+vector widths, and so the shared memory a pipelined kernel needs.
 Compiling needs no GPU: `python -m jaxmoe.portability` or the test in tests/test_portability.py.
 """
 
@@ -10,13 +13,28 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxmoe import config, launch, ops
 
-TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
+
+
+class Target(NamedTuple):
+    backend: str
+    arch: object
+    warp_size: int
+    shared_bytes: int  # the most shared memory (LDS) one program may use
+    devices: tuple[str, ...]  # the config table's device keys (config.device_key) of this target's cards
+
+
+TARGETS = {
+    "sm_80": Target("cuda", 80, 32, 163 * 1024, ("a100",)),
+    "sm_90": Target("cuda", 90, 32, 227 * 1024, ("h100", "h200")),
+    "gfx942": Target("hip", "gfx942", 64, config.ROCM_LDS_BYTES, ("mi300x", "mi325x")),
+}
 
 # d = f = 512 is a multiple of every K tile (EVEN_K); 200 leaves a ragged last K tile.
 _FFN_SHAPES = [(64, 512, 512, 8, 2), (37, 200, 200, 8, 2)]
@@ -54,22 +72,27 @@ def _record_dispatch(n: int, E: int) -> list[launch.LaunchRecord]:
     return records
 
 
-def shipped_launches() -> list[launch.LaunchRecord]:
-    """Every forward kernel of every shipped config. The backward kernels (and the forward's variants
-    that keep residuals) of the heuristic's smallest and largest tiles in bfloat16 and float32, and at
-    a ragged shape: the table's configs differ from those only in tile sizes, float16 only in the
-    element type, and compiling every combination would triple the gate's time in CI."""
+def shipped_launches(target: str = "sm_90") -> list[launch.LaunchRecord]:
+    """Every forward kernel of every config a card of `target` can pick. The backward kernels (and the
+    forward's variants that keep residuals) of the heuristic's smallest and largest tiles in bfloat16
+    and float32, and at a ragged shape: the table's configs differ from those only in tile sizes,
+    float16 only in the element type, and compiling every combination would triple the gate's time
+    in CI."""
+    rocm = TARGETS[target].backend == "hip"
+
+    def heuristic(bucket, dtype, d, f):
+        cfg = config.heuristic(bucket, dtype, d, f).with_backward(dtype)
+        return config.for_rocm(cfg, dtype) if rocm else cfg
+
     records = []
-    with_backward = {(dt, config.heuristic(b, dt, 128, 128).with_backward(dt)) for b in (1, 4096)
-                     for dt in ("bfloat16", "float32")}
-    for dtype, cfg in config.shipped_configs():
+    with_backward = {(dt, heuristic(b, dt, 128, 128)) for b in (1, 4096) for dt in ("bfloat16", "float32")}
+    for dtype, cfg in config.shipped_configs(TARGETS[target].devices, rocm=rocm):
         records += _record_ffn(dtype, cfg, _FFN_SHAPES[0], "default", backward=(dtype, cfg) in with_backward)
-    some_config = config.heuristic(64, "float32", 512, 512)
     for precision in ("high", "highest"):
-        records += _record_ffn("float32", some_config, _FFN_SHAPES[0], precision, backward=False)
+        records += _record_ffn("float32", heuristic(64, "float32", 512, 512), _FFN_SHAPES[0], precision,
+                               backward=False)
     for dtype in ("bfloat16", "float32"):
-        records += _record_ffn(dtype, config.heuristic(64, dtype, 200, 200), _FFN_SHAPES[1], "default",
-                               backward=True)
+        records += _record_ffn(dtype, heuristic(64, dtype, 200, 200), _FFN_SHAPES[1], "default", backward=True)
     for route_shape in _ROUTE_SHAPES:
         records += _record_route(*route_shape)
     records += _record_dispatch(1024, 128)  # several chunks, summed by each scatter program
@@ -97,17 +120,29 @@ def int64_launches() -> list[launch.LaunchRecord]:
 
 def supported(record: launch.LaunchRecord, target: str) -> bool:
     """tf32x3 exists only on NVIDIA; ops.dot_precision never picks it on ROCm."""
-    return not (TARGETS[target][0] == "hip" and record.constexprs.get("DOT_PRECISION") == "tf32x3")
+    return not (TARGETS[target].backend == "hip" and record.constexprs.get("DOT_PRECISION") == "tf32x3")
 
 
 def compile_record(record: launch.LaunchRecord, target: str):
+    """The binary for target, compiled as jax-triton compiles it: every pointer 16-byte aligned."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=record.kernel, signature=record.signature, constexprs=record.constexprs)
-    return triton.compile(source, target=GPUTarget(*TARGETS[target]),
+    names = record.kernel.arg_names
+    aligned = {(names.index(name),): [["tt.divisibility", 16]]
+               for name, kind in record.signature.items() if kind.startswith("*")}
+    source = ASTSource(fn=record.kernel, signature=record.signature, constexprs=record.constexprs, attrs=aligned)
+    backend, arch, warp_size = TARGETS[target][:3]
+    return triton.compile(source, target=GPUTarget(backend, arch, warp_size),
                           options={"num_warps": record.num_warps, "num_stages": record.num_stages})
+
+
+def check_shared_memory(compiled, target: str) -> None:
+    """Raises if the binary needs more shared memory (LDS) per program than target's cards have."""
+    used, limit = compiled.metadata.shared, TARGETS[target].shared_bytes
+    if used > limit:
+        raise ValueError(f"needs {used} bytes of shared memory per program, {target} has {limit}")
 
 
 def describe(record: launch.LaunchRecord) -> str:
@@ -117,14 +152,12 @@ def describe(record: launch.LaunchRecord) -> str:
 
 def main() -> int:
     failures = 0
-    records = shipped_launches()
-    print(f"{len(records)} kernel variants x {len(TARGETS)} targets", flush=True)
-    for record in records:
-        for target in TARGETS:
-            if not supported(record, target):
-                continue
+    for target in TARGETS:
+        records = [record for record in shipped_launches(target) if supported(record, target)]
+        print(f"{target}: {len(records)} kernel variants", flush=True)
+        for record in records:
             try:
-                compile_record(record, target)
+                check_shared_memory(compile_record(record, target), target)
             except Exception as err:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {target} {describe(record)}: {str(err).splitlines()[0][:200]}", flush=True)

@@ -86,29 +86,37 @@ def _flops(jitted, *args) -> float | None:
 
 
 def test_gemm_roof_is_the_expert_gemms():
-    """Gate/up as one [E, d, 2f] einsum, down on its first f columns, bf16 out, the layer's GEMM FLOPs."""
+    """Gate/up as one [E, d, 2f] einsum, down as an einsum of its own [E, m, f] input (no slice copy of
+    the gate/up output), bf16 out: the layer's GEMM FLOPs and nothing else."""
     E, m, d, f = 4, 8, 64, 128
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    k1, k2, k3, k4, k5, k6 = jax.random.split(jax.random.key(0), 6)
     xe = jax.random.normal(k1, (E, m, d), jnp.bfloat16)
+    he = jax.random.normal(k5, (E, m, f), jnp.bfloat16)
     w_gate_up = jax.random.normal(k2, (E, d, 2 * f), jnp.bfloat16)
     w_down = jax.random.normal(k3, (E, f, d), jnp.bfloat16)
+    dhe = jax.random.normal(k6, (E, m, 2 * f), jnp.bfloat16)
     dye = jax.random.normal(k4, (E, m, d), jnp.bfloat16)
+    args = (xe, he, w_gate_up, w_down, dhe, dye)
     gemm_flops = 2 * E * m * d * (2 * f) + 2 * E * m * f * d
 
     fwd = peers.make_gemm_roof("fwd")
-    out = fwd(xe, w_gate_up, w_down, dye)
-    assert out.shape == (E, m, d) and out.dtype == jnp.bfloat16
-    h = jnp.einsum("emd,edf->emf", xe, w_gate_up[..., :f])  # no activation between the two GEMMs
-    want = jnp.einsum("emf,efd->emd", h, w_down)
-    assert jnp.allclose(out.astype(jnp.float32), want.astype(jnp.float32), rtol=2e-2, atol=2e-2)
-    assert _flops(fwd, xe, w_gate_up, w_down, dye) in (gemm_flops, None)
+    h, out = fwd(*args)
+    assert (h.shape, h.dtype, out.shape, out.dtype) == ((E, m, 2 * f), jnp.bfloat16, (E, m, d), jnp.bfloat16)
+    f32 = jnp.float32
+    assert jnp.allclose(h.astype(f32), jnp.einsum("emd,edn->emn", xe.astype(f32), w_gate_up.astype(f32)),
+                        rtol=2e-2, atol=2e-2)
+    assert jnp.allclose(out.astype(f32), jnp.einsum("emf,efd->emd", he.astype(f32), w_down.astype(f32)),
+                        rtol=2e-2, atol=2e-2)
+    assert _flops(fwd, *args) in (gemm_flops, None)
+    hlo = fwd.lower(*args).compile().as_text()
+    assert " slice(" not in hlo and "slice-start" not in hlo, "the roof must not copy a slice"
 
     fwd_bwd = peers.make_gemm_roof("fwd_bwd")
-    value, grads = fwd_bwd(xe, w_gate_up, w_down, dye)
+    value, grads = fwd_bwd(*args)
     assert value.dtype == jnp.float32
-    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, jnp.bfloat16) for a in (xe, w_gate_up, w_down)]
-    # 3x the forward GEMMs; XLA also counts the few elementwise ops (the <out, dy> product, converts).
-    flops = _flops(fwd_bwd, xe, w_gate_up, w_down, dye)
+    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, jnp.bfloat16) for a in (xe, he, w_gate_up, w_down)]
+    # 3x the forward GEMMs; XLA also counts the few elementwise ops (the two products, converts).
+    flops = _flops(fwd_bwd, *args)
     assert flops is None or 3 * gemm_flops <= flops <= 1.05 * 3 * gemm_flops
 
 

@@ -1,34 +1,65 @@
-"""The portability gate: every kernel variant jaxmoe can launch compiles for sm_80, sm_90 and gfx942.
+"""The portability gate: every kernel variant jaxmoe can launch compiles for sm_80, sm_90 and gfx942, and
+fits the shared memory (LDS) of that target's cards.
 
 No GPU is needed: Triton compiles for any target on the CPU. The variants come from tracing the real
 launch layer (jaxmoe/portability.py), so this compiles exactly what "triton" would launch.
 """
 
+import dataclasses
 import subprocess
 import sys
 import types
 
+import jax.numpy as jnp
 import pytest
 
-from jaxmoe import launch, portability
+from jaxmoe import config, launch, portability
 
-RECORDS = portability.shipped_launches()
+RECORDS = {target: portability.shipped_launches(target) for target in portability.TARGETS}
+CASES = [(record, target) for target, records in RECORDS.items() for record in records]
 
 
-def test_gate_covers_every_kernel():
-    names = {r.kernel.__name__ for r in RECORDS}
+@pytest.mark.parametrize("target", list(portability.TARGETS))
+def test_gate_covers_every_kernel(target):
+    names = {r.kernel.__name__ for r in RECORDS[target]}
     assert names == {"topk_routing_kernel", "count_chunks_kernel", "chunk_prefix_kernel", "scatter_kernel",
                      "grouped_gemm_kernel", "combine_kernel", "dh_kernel", "weight_grad_kernel"}
 
 
-@pytest.mark.parametrize("target", list(portability.TARGETS))
-@pytest.mark.parametrize("record", RECORDS, ids=portability.describe)
+@pytest.mark.parametrize(("record", "target"), CASES,
+                         ids=[f"{target}-{portability.describe(record)}" for record, target in CASES])
 def test_compiles(record, target):
+    """Compiles as jax-triton compiles it, within the shared memory (LDS) the target's cards have."""
     if not portability.supported(record, target):
         pytest.skip(f"{target} has no {record.constexprs.get('DOT_PRECISION')}")
     compiled = portability.compile_record(record, target)
     binary = "cubin" if target.startswith("sm_") else "hsaco"
     assert compiled.asm[binary], f"no {binary} for {portability.describe(record)}"
+    portability.check_shared_memory(compiled, target)
+
+
+def test_rocm_configs_fit_the_lds():
+    """for_rocm leaves a config that fits alone and cuts one that does not (the gate then compiles both)."""
+    fits = config.heuristic(4096, "bfloat16", 128, 128).with_backward("bfloat16")
+    big = dataclasses.replace(fits, gate_up=config.GemmConfig(128, 128, num_stages=4))
+    cut = config.for_rocm(big, "bfloat16")
+    assert cut.gate_up.num_stages == 2 and cut.gate_up.block_k < 128
+    assert (128 * cut.gate_up.block_k + 2 * cut.gate_up.block_k * 128) * 2 <= config.ROCM_LDS_BYTES
+    small = config.MoEConfig(16, config.GemmConfig(64, 32, num_stages=3), config.GemmConfig(64, 32, num_stages=3))
+    small = small.with_backward("bfloat16")
+    assert config.for_rocm(small, "bfloat16").gate_up == small.gate_up  # (3 - 1) stages x 10 KiB fit
+
+
+def test_rocm_launches_take_the_fitted_configs(monkeypatch):
+    """On ROCm the expert FFN launches with for_rocm's config: the heuristic's 4-stage 128-row gate/up
+    tiles (144 KiB of LDS by for_rocm's count) would not launch on an MI300."""
+    from jaxmoe.ops import ffn
+
+    args = (ffn._FFNOptions("triton", None, "ieee"), jnp.bfloat16, 8192, 8, 128, 2048, 768)
+    on_nvidia = ffn._config(*args)
+    monkeypatch.setattr(ffn, "on_rocm", lambda mode: True)
+    on_amd = ffn._config(*args)
+    assert on_amd == config.for_rocm(on_nvidia, "bfloat16") and on_amd.gate_up != on_nvidia.gate_up
 
 
 @pytest.mark.parametrize("record", portability.int64_launches(), ids=portability.describe)
@@ -55,9 +86,10 @@ def test_interpreter_leaves_triton_able_to_compile(tmp_path, monkeypatch):
 def test_tma_launches_supply_the_scratch_their_descriptors_need():
     """Kernels that build TMA descriptors write them to per-program global scratch; the launch must
     supply at least what the compiled kernel asks for (jaxmoe.launch passes it on jax-triton 0.3)."""
-    tma = [r for r in RECORDS if r.constexprs.get("TMA")]
+    records = RECORDS["sm_90"]
+    tma = [r for r in records if r.constexprs.get("TMA")]
     assert tma, "the shipped table has a TMA config (the Mixtral down projection)"
-    for record in tma + [r for r in RECORDS if not r.constexprs.get("TMA")][:3]:
+    for record in tma + [r for r in records if not r.constexprs.get("TMA")][:3]:
         needed = portability.compile_record(record, "sm_90").metadata.global_scratch_size
         assert needed <= record.scratch_per_program, portability.describe(record)
         assert (needed > 0) == bool(record.constexprs.get("TMA")), portability.describe(record)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxmoe import config as configs
 from jaxmoe.ops._util import F32 as _F32
 from jaxmoe.ops.dispatch import Dispatch, dispatch
-from jaxmoe.ops.gemm import combine, dh_gemm, dot_precision, grouped_gemm, weight_grad
+from jaxmoe.ops.gemm import combine, dh_gemm, dot_precision, grouped_gemm, on_rocm, weight_grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,8 @@ def device_kind(mode: str) -> str:
 def _config(options: _FFNOptions, dtype, T: int, k: int, E: int, d: int, f: int) -> configs.MoEConfig:
     name = jnp.dtype(dtype).name
     cfg = options.config or configs.select(device_kind(options.mode), name, T, k, E, d, f)
-    return cfg.with_backward(name)
+    cfg = cfg.with_backward(name)
+    return configs.for_rocm(cfg, name) if on_rocm(options.mode) else cfg
 
 
 def _ffn_forward(x, weights, ids, w_gate, w_up, w_down, expert_first, options: _FFNOptions, keep: bool):

@@ -30,11 +30,11 @@ def dot_precision(dtype, mode: str) -> str:
     if setting in ("highest", "float32"):
         return "ieee"
     if setting in ("high", "bfloat16_3x", "tensorfloat32_3x"):
-        return "ieee" if _on_rocm(mode) else "tf32x3"  # AMD's Triton backend has no tf32x3
+        return "ieee" if on_rocm(mode) else "tf32x3"  # AMD's Triton backend has no tf32x3
     return "tf32"
 
 
-def _on_rocm(mode: str) -> bool:
+def on_rocm(mode: str) -> bool:
     return mode == "triton" and "rocm" in jax.devices()[0].client.platform_version.lower()
 
 
@@ -95,7 +95,7 @@ def _tma_fits(a, b, K: int, N: int, block_k: int, other_layout: bool, mode: str)
     the pointer path they are tested with).
     """
     return (jnp.dtype(a.dtype).itemsize == 2 and K % block_k == 0 and N % 8 == 0 and a.shape[1] % 8 == 0
-            and b.shape[0] * K < 2**31 and not other_layout and not _on_rocm(mode))
+            and b.shape[0] * K < 2**31 and not other_layout and not on_rocm(mode))
 
 
 def dh_gemm(dy, w_down, hgu, row_weights, disp: Dispatch, *, top_k: int, block_m: int, gemm: configs.GemmConfig,
