@@ -42,7 +42,19 @@ def has_gpu() -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--skip-impl", action="append", default=[], metavar="NAME",
+                     help="deselect the tests parametrized with impl=NAME (repeatable)")
+
+
 def pytest_collection_modifyitems(config, items):
+    skipped = set(config.getoption("--skip-impl"))
+    if skipped:
+        dropped = [item for item in items if getattr(item, "callspec", None) is not None
+                   and item.callspec.params.get("impl") in skipped]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if item not in set(dropped)]
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a GPU (run on the GPU machine: pytest -m gpu)")
