@@ -49,6 +49,7 @@ def select(args, in_axes):
 def per_element(fn, args, in_axes):
     """fn once per batch element, outputs stacked: what vmap must compute."""
     n = next(a.shape[0] for a, axis in zip(args, in_axes) if axis == 0)
+    fn = jax.jit(fn)  # one compile for all elements: eager op-by-op dispatch was most of these tests' time
     outs = [fn(*[a[b] if axis == 0 else a for a, axis in zip(args, in_axes)]) for b in range(n)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
