@@ -40,7 +40,7 @@ test-newest: $(VENV)/.installed-test
 # Two cuts keep both suites within CI's time (about 15 minutes on 2 cores), each covered elsewhere:
 # - the portability gate compiles for sm_90 alone here, the GPU machine's target (the newest stack
 #   compiles every target);
-# - the tests parametrized with impl="xla" are left out (about 2.5 minutes): that path is pure jax.lax,
+# - the tests parametrized with impl="xla" are left out (about 300 CPU-seconds): that path is pure jax.lax,
 #   which the newest stack runs through them, and which this stack still runs in tests/test_reference.py
 #   and in the "interpret" cases of the same tests (the same transforms, meshes and layers around the
 #   kernels); on the GPU, tests/test_gpu.py holds "triton" against it on this very stack.

@@ -194,13 +194,12 @@ def for_rocm(cfg: MoEConfig, dtype: str) -> MoEConfig:
     jaxmoe.portability compiles the result for gfx942 and checks the LDS the compiler reports.
     """
     itemsize = 4 if dtype == "float32" else 2
-    tile_m = cfg.block_m
     return dataclasses.replace(
         cfg,
-        gate_up=_fit_lds(cfg.gate_up, tile_m // cfg.gate_up.split_m, 2, itemsize),  # gate and up tiles
-        down=_fit_lds(cfg.down, tile_m // cfg.down.split_m, 1, itemsize),
-        dh=_fit_lds(cfg.dh, tile_m, 1, itemsize),
-        dx=_fit_lds(cfg.dx, tile_m, 1, itemsize),
+        gate_up=_fit_lds(cfg.gate_up, cfg.block_m // cfg.gate_up.split_m, 2, itemsize),  # gate and up tiles
+        down=_fit_lds(cfg.down, cfg.block_m // cfg.down.split_m, 1, itemsize),
+        dh=_fit_lds(cfg.dh, cfg.block_m, 1, itemsize),
+        dx=_fit_lds(cfg.dx, cfg.block_m, 1, itemsize),
         dw=_fit_lds(cfg.dw, cfg.dw.block_m, 1, itemsize),
     )
 

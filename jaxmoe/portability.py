@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from jaxmoe import config, launch, ops
 
 
-
 class Target(NamedTuple):
     backend: str
     arch: object

@@ -50,11 +50,13 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     skipped = set(config.getoption("--skip-impl"))
     if skipped:
-        dropped = [item for item in items if getattr(item, "callspec", None) is not None
-                   and item.callspec.params.get("impl") in skipped]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = [item for item in items if item not in set(dropped)]
+        def dropped(item):
+            return getattr(item, "callspec", None) is not None and item.callspec.params.get("impl") in skipped
+
+        deselected = [item for item in items if dropped(item)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not dropped(item)]
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a GPU (run on the GPU machine: pytest -m gpu)")
