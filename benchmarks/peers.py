@@ -89,7 +89,8 @@ def make_forward(impl: str, k: int):
         ragged_dot = tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot
         expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
         return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
-                                 bias=None, routing_fn=lax_route, expert_ffn_fn=expert_ffn)
+                                 bias=None, routing_fn=reference.finalized(lax_route),
+                                 expert_ffn_fn=expert_ffn)
     return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
 
 

@@ -162,12 +162,14 @@ def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
 _LOCK = threading.Lock()  # the patches above are process-wide; keep interpreted launches one at a time
 
 
-def run_interpreted(kernel, grid, args, out_shapes, constexprs) -> list[np.ndarray]:
-    """kernel[grid](*args, *outputs, **constexprs) in the interpreter; returns the outputs."""
+def run_interpreted(kernel, grid, args, out_shapes, zeroed_outputs, constexprs) -> list[np.ndarray]:
+    """kernel[grid](*args, *outputs, **constexprs) in the interpreter; returns the outputs. Outputs
+    listed in zeroed_outputs start as zeros, the others poisoned."""
     from triton.runtime.interpreter import InterpretedFunction
 
     wrapped = [HostTensor(np.array(a)) if isinstance(a, np.ndarray) else a for a in args]
-    outputs = [HostTensor(poison_like(s.shape, s.dtype)) for s in out_shapes]
+    outputs = [HostTensor(np.zeros(s.shape, s.dtype) if i in zeroed_outputs else poison_like(s.shape, s.dtype))
+               for i, s in enumerate(out_shapes)]
     fn = getattr(kernel, "fn", kernel)
     with _LOCK, _interpreter_language():
         InterpretedFunction(fn)[grid](*wrapped, *outputs, **constexprs)

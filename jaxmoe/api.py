@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 
@@ -44,19 +45,26 @@ def resolve_implementation(implementation: str | None) -> str:
     return implementation
 
 
-def _stages(implementation: str | None):
-    """(routing_fn, expert_ffn_fn) for an implementation, with the signatures of
-    reference.route_with_stats and reference.expert_ffn."""
+class Stages(NamedTuple):
+    """An implementation's stages, with the signatures of the reference functions of the same names."""
+
+    route_with_stats: Callable  # for sharded layers: the stats are summed over devices before the formulas
+    route_with_aux: Callable  # for one device: the Triton kernel applies the formulas itself at small T
+    expert_ffn: Callable
+
+
+def _stages(implementation: str | None) -> Stages:
     impl = resolve_implementation(implementation)
     if impl == "xla":
-        return reference.route_with_stats, _batchable_expert_ffn(impl)
+        return Stages(reference.route_with_stats, reference.route_with_aux, _batchable_expert_ffn(impl))
     try:
         from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
     except ImportError as err:
         raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton "
                           f"(pip install 'jaxmoe[gpu]'); implementation='xla' needs neither") from err
 
-    return functools.partial(ops.route_with_stats, mode=impl), _batchable_expert_ffn(impl)
+    return Stages(functools.partial(ops.route_with_stats, mode=impl), functools.partial(ops.route_with_aux, mode=impl),
+                  _batchable_expert_ffn(impl))
 
 
 @functools.cache
@@ -95,8 +103,7 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | N
     call on B*T tokens); otherwise, and under differentiation, it runs once per element.
     """
     _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
-    _, expert_ffn_fn = _stages(implementation)
-    return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down)
+    return _stages(implementation).expert_ffn(x, weights, ids, w_gate, w_up, w_down)
 
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "softmax",
@@ -120,12 +127,12 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "s
       (y [..., d] in x's dtype, MoEAux). With a mesh, y is sharded over the token axes on its flattened
       leading dims and the aux losses equal the unsharded ones.
     """
-    routing_fn, expert_ffn_fn = _stages(implementation)
+    stages = _stages(implementation)
     if mesh is None and expert_axis is None and data_axis is None:
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                      renormalize=renormalize, bias=bias, routing_fn=routing_fn,
-                                      expert_ffn_fn=expert_ffn_fn)
+                                      renormalize=renormalize, bias=bias, routing_fn=stages.route_with_aux,
+                                      expert_ffn_fn=stages.expert_ffn)
     return sharding.sharded_moe(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                renormalize=renormalize, bias=bias, routing_fn=routing_fn,
-                                expert_ffn_fn=expert_ffn_fn, mesh=mesh, expert_axis=expert_axis,
+                                renormalize=renormalize, bias=bias, routing_fn=stages.route_with_stats,
+                                expert_ffn_fn=stages.expert_ffn, mesh=mesh, expert_axis=expert_axis,
                                 data_axis=data_axis)

@@ -91,10 +91,13 @@ def _supply_scratch(triton_lib) -> None:
 
 
 def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeDtypeStruct], mode: str,
-           num_warps: int = 4, num_stages: int = 2, scratch_per_program: int = 0, **constexprs) -> list[jax.Array]:
+           num_warps: int = 4, num_stages: int = 2, scratch_per_program: int = 0, zeroed_outputs: Sequence[int] = (),
+           **constexprs) -> list[jax.Array]:
     """Launches `kernel` over `grid`; returns one array per entry of out_shapes.
 
     scratch_per_program: bytes of global scratch each program uses (128 per TMA descriptor it builds).
+    zeroed_outputs: indices into out_shapes of outputs that hold zeros when the kernel starts (others
+    start with any content).
     """
     out_shapes = list(out_shapes)
     if mode in ("triton", "interpret"):
@@ -113,9 +116,10 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
                     _SCRATCH_KERNELS.add(kernel.fn)
                     shapes.append(jax.ShapeDtypeStruct((math.prod(grid) * scratch_per_program,), np.int8))
                 outs = jt.triton_call(*full_args, kernel=kernel, grid=grid, num_warps=num_warps,
-                                      num_stages=num_stages, **{out_keyword: shapes}, **constexprs)
+                                      num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs),
+                                      **{out_keyword: shapes}, **constexprs)
                 return list(outs)[:len(out_shapes)]
-            return _launch_interpreted(kernel, full_args, grid, out_shapes, constexprs)
+            return _launch_interpreted(kernel, full_args, grid, out_shapes, tuple(zeroed_outputs), constexprs)
 
         return list(run(*[args[i] for i in array_slots]))
     if mode == "record":
@@ -180,14 +184,14 @@ def _triton_type(arg) -> str:
     return "*" + _TRITON_TYPES[jax.numpy.dtype(arg.dtype).name]
 
 
-def _launch_interpreted(kernel, args, grid, out_shapes, constexprs):
+def _launch_interpreted(kernel, args, grid, out_shapes, zeroed_outputs, constexprs):
     array_slots = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
 
     def on_host(*arrays):
         full_args = list(args)
         for slot, array in zip(array_slots, arrays):
             full_args[slot] = np.asarray(array)
-        return _interpret.run_interpreted(kernel, grid, full_args, out_shapes, constexprs)
+        return _interpret.run_interpreted(kernel, grid, full_args, out_shapes, zeroed_outputs, constexprs)
 
     outs = jax.pure_callback(on_host, out_shapes, *[args[i] for i in array_slots])
     return list(outs)

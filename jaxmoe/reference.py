@@ -275,7 +275,7 @@ def router_stats(logits: jax.Array, routing: Routing, E: int) -> RouterStats:
 
 def route_with_stats(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
                      bias=None) -> tuple[Routing, RouterStats]:
-    """`route`, and the RouterStats of its selection: the routing stage of `moe_pipeline`."""
+    """`route`, and the RouterStats of its selection (sums over tokens, which add up over shards)."""
     routing = route(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
     return routing, router_stats(logits, routing, logits.shape[-1])
 
@@ -289,6 +289,22 @@ def finalize_aux(stats: RouterStats, top_k: int) -> MoEAux:
     mean_prob = stats.prob_sums / tokens
     load_balancing = E * jnp.sum(assignment_share * mean_prob)
     return MoEAux(load_balancing, stats.z_squared_sum / tokens, stats.expert_counts)
+
+
+def finalized(route_with_stats_fn: Callable) -> Callable:
+    """A routing stage with the signature of `route_with_aux`, from one with that of `route_with_stats`."""
+
+    def route_with_aux_fn(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True, bias=None):
+        routing, stats = route_with_stats_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+        return routing, finalize_aux(stats, top_k)
+
+    return route_with_aux_fn
+
+
+def route_with_aux(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
+                   bias=None) -> tuple[Routing, MoEAux]:
+    """`route`, and the aux losses of its selection: the routing stage of `moe_pipeline`."""
+    return finalized(route_with_stats)(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
 
 
 def aux_losses(logits: jax.Array, routing: Routing, E: int) -> MoEAux:
@@ -308,12 +324,11 @@ def router_logits(x2d: jax.Array, router_weight: jax.Array) -> jax.Array:
     return jnp.dot(x2d.astype(jnp.float32), router_weight.astype(jnp.float32))
 
 
-def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias,
-                 routing_fn: Callable) -> tuple[Routing, RouterStats]:
-    """x2d [T, d] -> (Routing, RouterStats): the router matmul and the routing stage.
+def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias, routing_fn: Callable):
+    """x2d [T, d] -> routing_fn(logits, ...): the router matmul and the routing stage.
 
-    routing_fn has the signature and meaning of `route_with_stats`: logits [T, E] float32 -> (Routing,
-    RouterStats); the Triton stage computes both in one kernel.
+    routing_fn has the signature of `route_with_aux` (logits [T, E] float32 -> (Routing, MoEAux)) or
+    of `route_with_stats` (-> (Routing, RouterStats)); the Triton stage computes both parts in one kernel.
     """
     logits = router_logits(x2d, router_weight)
     return routing_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
@@ -322,14 +337,14 @@ def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias,
 def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
                  routing_fn: Callable, expert_ffn_fn: Callable):
     """x [..., d] -> (y [..., d], MoEAux), with the routing and expert stages supplied by the caller
-    (routing_fn as in `route_tokens`)."""
+    (routing_fn with the signature of `route_with_aux`)."""
     d, _ = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, d)
-    routing, stats = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
-                                  bias=bias, routing_fn=routing_fn)
+    routing, aux = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
+                                bias=bias, routing_fn=routing_fn)
     y = expert_ffn_fn(x2d, routing.weights, routing.ids, w_gate, w_up, w_down)
-    return y.reshape(*lead, d), finalize_aux(stats, top_k)
+    return y.reshape(*lead, d), aux
 
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", renormalize=True, bias=None,
@@ -338,9 +353,10 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", ren
     if implementation not in (None, "xla"):
         raise ValueError(f"jaxmoe.reference.moe runs only implementation='xla', got {implementation!r}")
     return moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                        renormalize=renormalize, bias=bias, routing_fn=route_with_stats,
+                        renormalize=renormalize, bias=bias, routing_fn=route_with_aux,
                         expert_ffn_fn=grouped_expert_ffn)
 
 
 __all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "RouterStats", "Routing",
-           "expert_ffn", "expert_probs", "make_ragged_dot", "moe", "permute_rows", "route", "route_with_stats"]
+           "expert_ffn", "expert_probs", "finalized", "make_ragged_dot", "moe", "permute_rows", "route",
+           "route_with_aux", "route_with_stats"]

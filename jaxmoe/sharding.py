@@ -134,7 +134,7 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
                          f"devices of {sizes}")
     if T == 0:  # nothing to distribute
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                      renormalize=renormalize, bias=bias, routing_fn=routing_fn,
+                                      renormalize=renormalize, bias=bias, routing_fn=reference.finalized(routing_fn),
                                       expert_ffn_fn=expert_ffn_fn)
 
     def local(x_l, router_weight, w_gate, w_up, w_down, bias):

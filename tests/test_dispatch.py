@@ -46,7 +46,8 @@ def check_dispatch(ids: np.ndarray, E: int, block_m: int, mode: str, expert_firs
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("T, E, k, block_m", [(1, 1, 1, 16), (33, 5, 2, 16), (200, 8, 2, 64), (150, 130, 6, 16)])
+@pytest.mark.parametrize("T, E, k, block_m", [(1, 1, 1, 16), (33, 5, 2, 16), (200, 8, 2, 64), (150, 130, 6, 16),
+                                              (16, 128, 8, 16)])  # the last: Qwen3's decode step (4 chunks)
 def test_random_ids(mode, T, E, k, block_m):
     rng = np.random.default_rng(T * E)
     ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe import reference
+from jaxmoe import ops, reference
 from conftest import TOLERANCE, Problem, assert_close, dense_expert_ffn, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -40,6 +40,26 @@ def test_model_shapes_bf16(shape, T):
     (y, aux), (y_ref, aux_ref) = _moe_pair(p.x, router, p, k)
     assert_close(y, y_ref, jnp.bfloat16)
     np.testing.assert_array_equal(aux.expert_counts, aux_ref.expert_counts)
+    np.testing.assert_allclose(aux.load_balancing_loss, aux_ref.load_balancing_loss, rtol=1e-5)
+    np.testing.assert_allclose(aux.router_z_loss, aux_ref.router_z_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 16, 64, 128, 129])
+def test_aux_losses_from_the_routing_kernel(T):
+    """At few programs the routing kernel's last program applies the aux-loss formulas: the values
+    equal jax.lax's whichever program finishes last, and repeated runs are bitwise equal (its ticket
+    is the only atomic). T = 129 takes XLA's sums."""
+    E, k = 128, 8
+    logits = jax.random.normal(jax.random.key(T), (T, E)) * 2
+    run = jax.jit(lambda lg: ops.route_with_aux(lg, k)[1])
+    aux = run(logits)
+    want = reference.route_with_aux(logits, k)[1]
+    np.testing.assert_array_equal(aux.expert_counts, want.expert_counts)
+    np.testing.assert_allclose(aux.load_balancing_loss, want.load_balancing_loss, rtol=1e-5)
+    np.testing.assert_allclose(aux.router_z_loss, want.router_z_loss, rtol=1e-5)
+    first = [np.asarray(a).tobytes() for a in aux]
+    for _ in range(50):
+        assert [np.asarray(a).tobytes() for a in run(logits)] == first
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])

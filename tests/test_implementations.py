@@ -392,10 +392,54 @@ def test_routing_kernel_stats_match_reference(impl, T, E, k, scoring, with_bias)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _assert_aux_match(got, want):
+    np.testing.assert_array_equal(got.expert_counts, want.expert_counts)
+    for name in ("load_balancing_loss", "router_z_loss"):
+        a, b = np.asarray(getattr(got, name)), np.asarray(getattr(want, name))
+        assert np.array_equal(a, b, equal_nan=True) or np.isclose(a, b, rtol=1e-5), (name, a, b)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("T, E, k, scoring, with_bias", [
+    (16, 128, 8, "softmax", False),  # a Qwen3 decode step: 4 programs, the losses from the kernel
+    (37, 128, 8, "sigmoid", True),  # 10 programs, the last part padding
+    (128, 128, 2, "softmax", False),  # FINALIZE_MAX_PROGRAMS programs: still the kernel
+    (129, 128, 2, "softmax", True),  # one program more: XLA adds the sums and applies the formulas
+    (70, 12, 3, "softmax", False),  # 3 programs of 32 rows
+    (5, 1, 1, "softmax", False),  # E = 1
+    (6, 4, 4, "sigmoid", False),  # k = E
+])
+def test_routing_kernel_aux_matches_reference(impl, T, E, k, scoring, with_bias):
+    """route_with_aux: the aux losses equal jax.lax's formulas over the same routing, whether the last
+    program of the routing kernel applied them (few programs) or XLA did, and so do their gradients."""
+    logits = jax.random.normal(jax.random.key(T + E), (T, E)) * 3
+    bias = jnp.linspace(-0.2, 0.2, E) if with_bias else None
+    kw = dict(scoring=scoring, bias=bias)
+    in_kernel = -(-T // ops.routing._tokens_per_program(E)) <= ops.routing.FINALIZE_MAX_PROGRAMS
+    jaxpr = str(jax.make_jaxpr(lambda lg: ops.route_with_aux(lg, k, mode=impl, **kw))(logits))
+    assert ("reduce_sum" not in jaxpr) == in_kernel, "the losses come from the kernel exactly when it has few programs"
+    routing, aux = jax.jit(lambda lg: ops.route_with_aux(lg, k, mode=impl, **kw))(logits)
+    want_routing, want_aux = jaxmoe.reference.route_with_aux(logits, k, **kw)
+    np.testing.assert_array_equal(routing.ids, want_routing.ids)
+    np.testing.assert_allclose(routing.weights, want_routing.weights, rtol=1e-6)
+    _assert_aux_match(aux, want_aux)
+
+    def loss(fn):
+        def inner(lg):
+            r, a = fn(lg)
+            return jnp.sum(r.weights * jnp.arange(1.0, k + 1.0)) + 3.0 * a.load_balancing_loss + 0.1 * a.router_z_loss
+        return inner
+
+    got = jax.grad(loss(lambda lg: ops.route_with_aux(lg, k, mode=impl, **kw)))(logits)
+    want = jax.grad(loss(lambda lg: jaxmoe.reference.route_with_aux(lg, k, **kw)))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)
 def test_routing_kernel_stats_nonfinite_and_empty(impl):
     """A NaN logit makes its row's logsumexp NaN, so z_squared_sum and (softmax) every prob sum are NaN,
-    as in jax.lax; a row of -inf logits has logsumexp -inf (z^2 = inf); +inf gives +inf. T = 0: zeros."""
+    as in jax.lax; a row of -inf logits has logsumexp -inf (z^2 = inf); +inf gives +inf. The losses
+    the kernel applies the formulas to follow. T = 0: zeros."""
     E = 6
     base = jax.random.normal(jax.random.key(11), (9, E))
     cases = {"nan": base.at[4, 2].set(jnp.nan), "neg_inf_row": base.at[3].set(-jnp.inf),
@@ -408,8 +452,12 @@ def test_routing_kernel_stats_nonfinite_and_empty(impl):
             assert np.array_equal(np.asarray(stats.z_squared_sum), np.asarray(want.z_squared_sum), equal_nan=True) \
                 or np.isclose(stats.z_squared_sum, want.z_squared_sum, rtol=1e-5), (name, scoring)
             assert not np.isfinite(want.z_squared_sum), (name, "the case must reach the z loss")
+            _, aux = ops.route_with_aux(logits, 2, scoring=scoring, mode=impl)  # the losses from the kernel
+            _assert_aux_match(aux, jaxmoe.reference.route_with_aux(logits, 2, scoring=scoring)[1])
     _, stats = ops.route_with_stats(jnp.zeros((0, E)), 2, mode=impl)
     _assert_stats_match(stats, jaxmoe.reference.route_with_stats(jnp.zeros((0, E)), 2)[1])
+    _, aux = ops.route_with_aux(jnp.zeros((0, E)), 2, mode=impl)
+    _assert_aux_match(aux, jaxmoe.reference.route_with_aux(jnp.zeros((0, E)), 2)[1])
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)

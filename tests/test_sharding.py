@@ -136,7 +136,7 @@ def test_local_expert_range(impl):
     local = (ids >= first) & (ids < first + E_l)
     assert local.any() and not local.all()
     experts = [w[first:first + E_l] for w in (w_gate, w_up, w_down)]
-    _, expert_ffn_fn = api._stages(impl)  # what jaxmoe.moe runs on each device
+    expert_ffn_fn = api._stages(impl).expert_ffn  # what jaxmoe.moe runs on each device
 
     def oracle(x, weights, ids, w_gate, w_up, w_down, first):
         return dense_expert_ffn(x, jnp.where(local, weights, 0.0), jnp.where(local, ids - first, 0),
