@@ -95,6 +95,7 @@ def shipped_launches(target: str = "sm_90") -> list[launch.LaunchRecord]:
         records += _record_ffn(dtype, heuristic(64, dtype, 200, 200), _FFN_SHAPES[1], "default", backward=True)
     for route_shape in _ROUTE_SHAPES:
         records += _record_route(*route_shape)
+    records += _record_dispatch(96, 64)  # two chunks, each scatter program counting both (RECOUNT)
     records += _record_dispatch(1024, 128)  # several chunks, summed by each scatter program
     records += _record_dispatch(65536, 128)  # many chunks: count, prefix pass, scatter
     unique = {}

@@ -3,8 +3,10 @@
 Assignment a = t * k + j sends token t to expert ids[t, j]. No atomics: every position comes from
 integer prefix sums, so the order within an expert is assignment order and runs are reproducible.
 
-1. count_chunks_kernel (skipped when one chunk holds everything): program c counts, per expert,
-   the assignments of its CHUNK-long slice                            -> chunk_counts [n_chunks, E]
+1. count_chunks_kernel (skipped when one chunk holds everything, or with RECOUNT when the chunks are
+   so few, as at a decode step, that each scatter program counts all assignments itself sooner than
+   a launch would): program c counts, per expert, the assignments of its CHUNK-long slice
+                                                                      -> chunk_counts [n_chunks, E]
 2. chunk_prefix_kernel (skipped with few chunks, as a decode step has: then each scatter program
    sums all chunks' counts itself, in one tile): per expert, the exclusive prefix sum over chunks
    and the total                                   -> chunk_before [n_chunks, E], expert_totals [E]
@@ -141,6 +143,7 @@ def scatter_kernel(
     CHUNK_TILE: tl.constexpr,
     SINGLE_CHUNK: tl.constexpr,
     PREFIXED: tl.constexpr,  # chunk_prefix_kernel ran; else the chunks are few and summed here
+    RECOUNT: tl.constexpr,  # count_chunks_kernel did not run: each program counts all assignments itself
 ):
     chunk = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
@@ -151,6 +154,14 @@ def scatter_kernel(
     if SINGLE_CHUNK:
         totals = _count_chunk(ids_ptr, chunk, n_assignments, expert_first, E, CHUNK, SUB, BLOCK_E)
         before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    elif RECOUNT:
+        totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for sub in range(0, n_assignments, SUB):
+            hit, _, _ = _one_hot(ids_ptr, sub, n_assignments, expert_first, E, SUB, BLOCK_E)
+            counts = tl.sum(hit, axis=0)
+            totals += counts
+            before += tl.where(sub < chunk * CHUNK, counts, 0)
     elif PREFIXED:
         totals = tl.load(expert_totals_ptr + experts, mask=expert_ok, other=0)
         before = tl.load(chunk_before_ptr + chunk.to(tl.int64) * E + experts, mask=expert_ok, other=0)

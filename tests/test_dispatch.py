@@ -47,8 +47,10 @@ def check_dispatch(ids: np.ndarray, E: int, block_m: int, mode: str, expert_firs
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("T, E, k, block_m", [(1, 1, 1, 16), (33, 5, 2, 16), (200, 8, 2, 64), (150, 130, 6, 16),
-                                              (16, 128, 8, 16)])  # the last: Qwen3's decode step (4 chunks)
+                                              (16, 128, 8, 16), (16, 64, 6, 16), (11, 64, 6, 16)])
 def test_random_ids(mode, T, E, k, block_m):
+    """Qwen3's decode step (4 chunks) and DeepSeek's (2 chunks, which each scatter program counts itself:
+    RECOUNT), and one of 2 chunks whose last is partly past the end."""
     rng = np.random.default_rng(T * E)
     ids = np.stack([rng.choice(E, size=k, replace=False) for _ in range(T)]).astype(np.int32)
     check_dispatch(ids, E, block_m, mode)
@@ -88,9 +90,13 @@ def test_chunk_prefix_over_several_tiles(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("T, first", [(40, 3), (2300, 4)])  # one launch; several chunks (three launches)
-def test_local_expert_range(mode, T, first):
-    """A device holding global experts [first, first + 4) of 12: assignments to the others are dropped."""
+@pytest.mark.parametrize("T, first, path", [(40, 3, "SINGLE_CHUNK"), (1000, 5, "RECOUNT"), (2300, 4, "counted")])
+def test_local_expert_range(mode, T, first, path):
+    """A device holding global experts [first, first + 4) of 12: assignments to the others are dropped.
+    path: one program; few chunks, each scatter program counting all of them; chunks counted by a launch."""
+    tiles = importlib.import_module("jaxmoe.ops.dispatch")._tiles(2 * T, 4, 16)
+    assert {"SINGLE_CHUNK": tiles["SINGLE_CHUNK"], "RECOUNT": tiles["RECOUNT"],
+            "counted": not (tiles["SINGLE_CHUNK"] or tiles["RECOUNT"] or tiles["PREFIXED"])}[path]
     rng = np.random.default_rng(T)
     ids = np.stack([rng.choice(12, size=2, replace=False) for _ in range(T)]).astype(np.int32)
     check_dispatch(ids, 4, 16, mode, expert_first=first)
