@@ -72,7 +72,7 @@ def _count_chunk(ids_ptr, chunk, n_assignments, expert_first, E: tl.constexpr, C
                  SUB: tl.constexpr, BLOCK_E: tl.constexpr):
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for sub in range(0, CHUNK, SUB):
-        hit, _, _ = _one_hot(ids_ptr, chunk.to(tl.int64) * CHUNK + sub, n_assignments, expert_first, E, SUB,
+        hit, _, _ = _one_hot(ids_ptr, tl.cast(chunk, tl.int64) * CHUNK + sub, n_assignments, expert_first, E, SUB,
                              BLOCK_E)
         counts += tl.sum(hit, axis=0)
     return counts
@@ -157,11 +157,10 @@ def scatter_kernel(
     elif RECOUNT:
         totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
         before = tl.zeros((BLOCK_E,), dtype=tl.int32)
-        for sub in range(0, n_assignments, SUB):
-            hit, _, _ = _one_hot(ids_ptr, sub, n_assignments, expert_first, E, SUB, BLOCK_E)
-            counts = tl.sum(hit, axis=0)
+        for other in range(0, n_chunks):
+            counts = _count_chunk(ids_ptr, other, n_assignments, expert_first, E, CHUNK, SUB, BLOCK_E)
             totals += counts
-            before += tl.where(sub < chunk * CHUNK, counts, 0)
+            before += tl.where(other < chunk, counts, 0)
     elif PREFIXED:
         totals = tl.load(expert_totals_ptr + experts, mask=expert_ok, other=0)
         before = tl.load(chunk_before_ptr + chunk.to(tl.int64) * E + experts, mask=expert_ok, other=0)
