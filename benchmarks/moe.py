@@ -11,26 +11,37 @@ This module is the sweep and its command line; the rest of the harness is split 
   benchmarks/report.py   what is printed and drawn: header lines, table, plot
   benchmarks/shapes.py   the named shapes
 
+Every row runs the shape's router and expert options and its extra arrays (router bias, selection bias,
+expert biases; benchmarks/shapes.py), as real arguments of the jitted step. Shapes with options
+(deepseek_v3, gpt_oss_120b) run only when named:
+
+    python -m benchmarks.moe --shapes deepseek_v3,gpt_oss_120b --pass fwd,fwd_bwd
+
 Passes: "fwd" times the jitted layer, y and the aux losses; "fwd_bwd" times
-jax.value_and_grad(<y, dy>) with respect to x, w_gate, w_up and w_down, dy a fixed random cotangent.
+jax.value_and_grad(<y, dy>) with respect to x, w_gate, w_up and w_down (and b_gate, b_up and b_down where
+the shape has expert biases), dy a fixed random cotangent.
 
 Per cell two roofs, and the limit, the larger of the two (limit_ms / ms > 1: faster than both):
   GEMM roof (gemm_ms)  XLA batched einsums with the FLOPs of the expert GEMMs and the tokens split evenly
           over the A experts that received tokens (A counted as below, rounded; m = ceil(T*k/A) rows each):
-          gate and up as one einsum against a [A, d, 2f] weight, down on the first f columns of its
-          output; bf16 outputs, no elementwise work; value_and_grad of <out, dy> for fwd_bwd. Splitting
+          gate and up as one einsum against a [A, d, 2f] weight, down as an einsum on an input of its own
+          [A, m, f]; bf16 outputs, no elementwise work (no biases, no activation); value_and_grad for
+          fwd_bwd. The roof's weights are made for each cell and freed before the rows run. Splitting
           over all E experts instead would read weights no token needs and make the roof slower (at
           qwen3 T=16, 128 experts' weights where about 81 are read), which flatters the layer.
   HBM roof (hbm_ms)    the counted bytes below at the HBM read bandwidth measured in the same run (none with
           --no-ceilings).
 
 Counting (documented in benchmarks/RESULTS.md):
-  FLOPs   fwd: 2*T*k*d*f*3 (the three expert GEMMs; the 2*T*d*E router matmul is left out)
+  FLOPs   fwd: 2*T*k*d*f*3 (the three expert GEMMs; the 2*T*d*E router matmul is left out, and so are
+          the elementwise biases and activation)
           fwd_bwd: 3x that (forward, input gradient, weight gradient).
-  bytes   fwd: A*3*d*f*2 + 2*T*d*2, A = experts that received tokens (counted from the routing of the
+  bytes   fwd: A*w + 2*T*d*2, w = 3*d*f*2 (one expert's weights) + (2*f + d)*2 (its biases, where the shape
+          has expert biases), A = experts that received tokens (counted from the shape's routing of the
           benchmark inputs, outside timing): active expert weights read, x read, y written.
-          fwd_bwd: 2*A*3*d*f*2 (weights read twice) + E*3*d*f*2 (dense weight gradients written)
-          + 5*T*d*2 (x read twice, dy read, y and dx written).
+          fwd_bwd: 2*A*w (weights read twice) + E*w (dense weight and bias gradients written)
+          + 5*T*d*2 (x read twice, dy read, y and dx written). The router's weight and biases are left
+          out, as its matmul is.
 
 --memory adds each step's device memory as XLA plans it (arguments + outputs + temporaries - aliased,
 from the compiled step's memory_analysis()): the peak_gib column and a breakdown line in the log.
@@ -156,23 +167,40 @@ def _device_normal(key, shape, scale, dtype):
     return jax.random.normal(key, shape, dtype) * jnp.asarray(scale, dtype)
 
 
+BIAS_SCALE = 0.1  # router and expert biases: N(0, 0.1^2), small beside the N(0, 1) logits and pre-activations
+SELECTION_BIAS_SCALE = 0.01  # beside sigmoid scores in (0, 1): it moves a few close selections
+
+
 def make_weights(shape: shapes_lib.MoEShape, normal: Normal, n_sets: int):
-    """n_sets tuples (router_weight [d, E], w_gate, w_up [E, d, f], w_down [E, f, d]), all bf16.
+    """n_sets tuples (router_weight [d, E], w_gate, w_up [E, d, f], w_down [E, f, d], extras), bf16.
 
     Router weights are N(0, 1/d) so logits of N(0, 1) inputs are ~N(0, 1): the routing is spread.
-    Expert weights are N(0, 1/fan_in).
+    Expert weights are N(0, 1/fan_in). extras: the shape's extra arrays by their `jaxmoe.moe` names,
+    drawn after the weights (none for a plain shape, whose draws are as before): router_bias [E] and
+    b_gate, b_up [E, f], b_down [E, d] in bf16, selection_bias [E] in float32 (as DeepSeek-V3 keeps it).
     """
     E, d, f = shape.E, shape.d, shape.f
     sets = []
     for _ in range(n_sets):
-        sets.append(jax.block_until_ready((normal((d, E), 1 / math.sqrt(d)), normal((E, d, f), 1 / math.sqrt(d)),
-                                           normal((E, d, f), 1 / math.sqrt(d)), normal((E, f, d), 1 / math.sqrt(f)))))
+        weights = (normal((d, E), 1 / math.sqrt(d)), normal((E, d, f), 1 / math.sqrt(d)),
+                   normal((E, d, f), 1 / math.sqrt(d)), normal((E, f, d), 1 / math.sqrt(f)))
+        extras = {}
+        if shape.router_bias:
+            extras["router_bias"] = normal((E,), BIAS_SCALE)
+        if shape.selection_bias:
+            extras["selection_bias"] = normal((E,), SELECTION_BIAS_SCALE, jnp.float32)
+        if shape.expert_biases:
+            extras.update(b_gate=normal((E, f), BIAS_SCALE), b_up=normal((E, f), BIAS_SCALE),
+                          b_down=normal((E, d), BIAS_SCALE))
+        sets.append(jax.block_until_ready((*weights, extras)))
     return sets
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _active_experts(x, router_weight, *, k: int):
-    routing = jaxmoe.route(pipeline.router_logits(x, router_weight), k, scoring="softmax", renormalize=True)
+@functools.partial(jax.jit, static_argnames=("router",))
+def _active_experts(x, router_weight, extras, *, router):
+    """How many experts receive tokens under the shape's routing (its router, router and selection biases)."""
+    logits = pipeline.router_logits(x, router_weight, extras.get("router_bias"))
+    routing = jaxmoe.route(logits, router=router, selection_bias=extras.get("selection_bias"))
     E = router_weight.shape[1]
     return jnp.sum(jnp.zeros(E, jnp.int32).at[routing.ids.reshape(-1)].add(1) > 0)
 
@@ -183,7 +211,7 @@ def count_flops(shape, T: int, pass_: str) -> float:
 
 
 def count_bytes(shape, T: int, active: float, pass_: str, itemsize: int = 2) -> float:
-    w = 3.0 * shape.d * shape.f * itemsize  # one expert's three weights
+    w = 3.0 * shape.d * shape.f * itemsize + shape.expert_bias_bytes(itemsize)  # one expert's weights and biases
     act = float(T) * shape.d * itemsize
     if pass_ == "fwd":
         return active * w + 2 * act
@@ -219,11 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.moe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", help=f"comma list of {', '.join(shapes_lib.SHAPES)} "
-                                    f"(default: {','.join(shapes_lib.GPU_SHAPES)} on GPU, tiny on CPU)")
+                                    f"(default: {','.join(shapes_lib.GPU_SHAPES)} on GPU, "
+                                    f"{','.join(shapes_lib.CPU_SHAPES)} on CPU; the shapes with router and "
+                                    f"expert options, {','.join(shapes_lib.OPTION_SHAPES)}, run when named)")
     p.add_argument("--tokens", help="comma list of T (default: 16,64,128,512,2048,8192 on GPU; 16,128 on CPU)")
     p.add_argument("--impls", help=f"comma list of {', '.join(IMPLS)} (default: all)")
     p.add_argument("--pass", dest="passes", default="fwd",
-                   help="fwd (default) or fwd_bwd (value_and_grad w.r.t. x and the expert weights); "
+                   help="fwd (default) or fwd_bwd (value_and_grad w.r.t. x and the expert weights and biases); "
                         "a comma list runs both")
     p.add_argument("--json", default=str(OUT_DIR / "moe.json"), help="where the rows go (default: %(default)s)")
     p.add_argument("--plot", default=str(OUT_DIR / "moe.png"),
@@ -252,33 +282,38 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
     normal = Normal(0, on_host=not on_gpu)
     for shape in shapes:
         log(f"== {shape.name}: E={shape.E} k={shape.k} d={shape.d} f={shape.f} "
-            f"({shape.expert_weight_bytes() / 2**30:.2f} GiB of expert weights)")
+            f"({shape.expert_weight_bytes() / 2**30:.2f} GiB of expert weights), options: {shape.describe()}")
         n_wsets = N_INPUT_SETS if N_INPUT_SETS * shape.expert_weight_bytes() <= WEIGHT_ROTATION_BYTES else 1
         t0 = time.perf_counter()
         wsets = make_weights(shape, normal, n_wsets)
-        # The GEMM roof's (w_gate_up [E, d, 2f], w_down), made once here so no copy is timed.
-        roof_wsets = [(jnp.concatenate([wg, wu], axis=2), wd) for _, wg, wu, wd in wsets]
         log(f"   weights: {n_wsets} set(s) in {time.perf_counter() - t0:.1f}s")
         for T in tokens:
             xs = [normal((T, shape.d)) for _ in range(N_INPUT_SETS)]
             dys = [normal((T, shape.d)) for _ in range(N_INPUT_SETS)]
             arg_sets = [(xs[i], *wsets[i % n_wsets], dys[i]) for i in range(N_INPUT_SETS)]
-            per_set = [int(_active_experts(x, wsets[i % n_wsets][0], k=shape.k)) for i, x in enumerate(xs)]
+            per_set = [int(_active_experts(x, wsets[i % n_wsets][0], wsets[i % n_wsets][4], router=shape.router))
+                       for i, x in enumerate(xs)]
             active = sum(per_set) / len(per_set)
             n_roof, m = roof_split(shape, T, active)
             xes = [normal((n_roof, m, shape.d)) for _ in range(N_INPUT_SETS)]
             hes = [normal((n_roof, m, shape.f)) for _ in range(N_INPUT_SETS)]
             dhes = [normal((n_roof, m, 2 * shape.f)) for _ in range(N_INPUT_SETS)]
             dyes = [normal((n_roof, m, shape.d)) for _ in range(N_INPUT_SETS)]
-            # The first n_roof experts' weights, copied once here (outside timing) when n_roof < E.
-            cut = [tuple(w[:n_roof] if n_roof < shape.E else w for w in ws) for ws in roof_wsets]
-            roof_sets = [(xes[i], hes[i], *cut[i % n_wsets], dhes[i], dyes[i]) for i in range(N_INPUT_SETS)]
             for pass_ in passes:
                 tag = f"[{shape.name} T={T} {pass_}]"
                 flops, nbytes = count_flops(shape, T, pass_), count_bytes(shape, T, active, pass_)
                 hbm_ms = hbm_roof_ms(nbytes, hbm_read_gbps)
                 gemm_ms = gemm_peak_bytes = None
+                roof = roof_sets = None
                 try:
+                    # The roof's (w_gate_up [n_roof, d, 2f], w_down [n_roof, f, d]): the first n_roof experts'
+                    # weights, copied here outside timing and freed before the rows (DeepSeek-V3's weights
+                    # are 22 GiB a copy).
+                    roof_w = [(jnp.concatenate([wg[:n_roof], wu[:n_roof]], axis=2),
+                               wd[:n_roof] if n_roof < shape.E else wd) for _, wg, wu, wd, _ in wsets]
+                    roof_sets = [(xes[i], hes[i], *roof_w[i % n_wsets], dhes[i], dyes[i])
+                                 for i in range(N_INPUT_SETS)]
+                    del roof_w
                     roof = make_gemm_roof(pass_)
                     rt = time_fn(roof, roof_sets, min_time_s=min_time_s, sync_each=sync_each)
                     gemm_ms = rt.ms
@@ -288,15 +323,17 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
                         mem = planned_memory(roof, roof_sets[0])
                         gemm_peak_bytes = mem.peak_bytes if mem else None
                         log(f"{tag} {'gemm roof':9s} memory: {memory_line(mem) if mem else 'not reported'}")
-                    del roof
                 except Exception as err:  # e.g. out of memory
                     log(f"{tag} gemm roof FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                del roof, roof_sets
+                gc.collect()
                 known = [v for v in (gemm_ms, hbm_ms) if v is not None]
                 limit_ms = max(known) if known else None
                 cell = []
                 for impl in impls:
                     row = {"shape": shape.name, "E": shape.E, "k": shape.k, "d": shape.d, "f": shape.f,
-                           "T": T, "impl": impl, "pass": pass_, "ms": None, "tflops": None, "gbps": None,
+                           "options": shape.describe(), "T": T, "impl": impl, "pass": pass_, "ms": None,
+                           "tflops": None, "gbps": None,
                            "gemm_ms": gemm_ms, "hbm_ms": hbm_ms, "limit_ms": limit_ms, "limit_frac": None,
                            "roof_ms": gemm_ms, "roof_frac": None,  # the GEMM roof, under the older key names
                            "peak_bytes": None, "flops": flops, "bytes": nbytes, "active_experts": active,
@@ -305,7 +342,7 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
                         row["gemm_peak_bytes"] = gemm_peak_bytes
                     step = None
                     try:
-                        step = make_step(make_forward(impl, shape.k), pass_)
+                        step = make_step(make_forward(impl, shape), pass_)
                         t = time_fn(step, arg_sets, min_time_s=min_time_s, sync_each=sync_each)
                         row.update(ms=t.ms, tflops=flops / (t.ms * 1e-3) / 1e12,
                                    gbps=nbytes / (t.ms * 1e-3) / 1e9, min_ms=t.min_ms, max_ms=t.max_ms,
@@ -332,9 +369,9 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
                         if r["impl"] in PEERS and r["ms"]:
                             triton[f"speedup_vs_{r['impl']}"] = r["ms"] / triton["ms"]
                 rows.extend(cell)
-            del xs, dys, arg_sets, xes, dyes, cut, roof_sets
+            del xs, dys, arg_sets, xes, hes, dhes, dyes
             gc.collect()
-        del wsets, roof_wsets
+        del wsets
         gc.collect()
     return rows
 
@@ -382,7 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     log(header_line(env, None).splitlines()[0])
     log(f"shapes={','.join(shapes)} T={','.join(map(str, tokens))} impls={','.join(impls) or '(none)'} "
-        f"pass={','.join(passes)} min_time={min_time}s per cell, dtype=bf16, softmax top-k")
+        f"pass={','.join(passes)} min_time={min_time}s per cell, dtype=bf16, each shape's routing and experts")
 
     ceilings = None
     if not args.no_ceilings:

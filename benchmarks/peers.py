@@ -1,5 +1,7 @@
 """What the benchmark runs: the implementations (rows), the step of each pass, and the GEMM roof.
 
+Every row runs the shape's router and expert options (benchmarks/shapes.py) and its extra arrays.
+
 Implementations:
   triton   jaxmoe.moe(..., implementation="triton")                   (GPU only)
   xla      the jax.lax reference: jaxmoe.moe(..., implementation="xla") on CPU, the same pipeline with
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 import jaxmoe
 from jaxmoe import pipeline, reference
-from jaxmoe.options import Experts, Router, make_router
+from jaxmoe.options import make_router
 from jaxmoe.routing import Routing, expert_probs, selected_weights
 
 IMPLS = ("triton", "xla", "tokamax")
@@ -82,41 +84,72 @@ def impl_availability(impls, on_gpu: bool) -> dict[str, str | None]:
     return reasons
 
 
-def make_forward(impl: str, k: int):
-    """(x, router_weight, w_gate, w_up, w_down) -> (y, MoEAux) for one implementation.
+EXPERT_BIASES = ("b_gate", "b_up", "b_down")  # the extra arrays that fwd_bwd differentiates
 
-    The xla row on a GPU is the plain jax.lax pipeline, with jax.lax.ragged_dot and jax.lax.top_k as
-    they are: jaxmoe's "xla" implementation adds a finiteness check of the weights there (see
-    reference.default_ragged_dot) and selects by integer keys (lax_route), which would slow the peer
-    and flatter us.
+
+def lax_forward(shape, ragged_dot):
+    """(x, router_weight, w_gate, w_up, w_down, extras) -> (y, MoEAux): the pipeline in plain jax.lax, with
+    `ragged_dot` as the grouped GEMM, lax_route as the routing and the shape's router and expert options.
+
+    extras: a dict of the shape's extra arrays by their `jaxmoe.moe` argument names (router_bias,
+    selection_bias, b_gate, b_up, b_down; empty for a plain shape).
+    """
+    expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
+
+    def forward(x, router_weight, w_gate, w_up, w_down, extras):
+        params = pipeline.MoEParams(router_weight, w_gate, w_up, w_down, **extras)
+        return pipeline.moe_pipeline(x, params, shape.router, shape.experts,
+                                     routing_fn=reference.finalized(lax_route), expert_ffn_fn=expert_ffn)
+
+    return forward
+
+
+def make_forward(impl: str, shape):
+    """(x, router_weight, w_gate, w_up, w_down, extras) -> (y, MoEAux) for one implementation, with the
+    shape's router and expert options (a benchmarks.shapes.MoEShape) and its extra arrays (see lax_forward).
+
+    "triton" (and "interpret", not a row of the sweep) is jaxmoe.moe with that implementation; "xla" is
+    the same call on CPU. The xla row on a GPU is the plain jax.lax pipeline, with jax.lax.ragged_dot
+    and jax.lax.top_k as they are: jaxmoe's "xla" implementation adds a finiteness check of the weights
+    there (see reference.default_ragged_dot) and selects by integer keys (lax_route), which would slow
+    the peer and flatter us. tokamax is that pipeline with tokamax's ragged GEMM.
     """
     if impl == "tokamax" or (impl == "xla" and jax.default_backend() == "gpu"):
-        ragged_dot = tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot
-        expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
-        def forward(x, router_weight, w_gate, w_up, w_down):
-            params = pipeline.MoEParams(router_weight, w_gate, w_up, w_down)
-            return pipeline.moe_pipeline(x, params, Router(k), Experts(), routing_fn=reference.finalized(lax_route),
-                                         expert_ffn_fn=expert_ffn)
+        return lax_forward(shape, tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot)
+    router, experts = shape.router, shape.experts
 
-        return forward
-    return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
+    def forward(x, router_weight, w_gate, w_up, w_down, extras):
+        return jaxmoe.moe(x, router_weight, w_gate, w_up, w_down, router=router, experts=experts,
+                          implementation=impl, **extras)
+
+    return forward
 
 
 def make_step(forward, pass_: str):
-    """A jitted fn(x, router_weight, w_gate, w_up, w_down, dy) for the pass (dy unused by "fwd").
+    """A jitted fn(x, router_weight, w_gate, w_up, w_down, extras, dy) for the pass (dy unused by "fwd").
 
-    fwd_bwd is value_and_grad of <y, dy> with respect to x and the expert weights; dy is a random
-    cotangent because a plain sum would give XLA a ones cotangent to simplify.
+    extras is the dict of extra arrays (see lax_forward), real arguments of the jitted step so that no
+    array is a constant of the compiled program. fwd_bwd is value_and_grad of <y, dy> with respect to x,
+    the expert weights and, where the shape has them, the expert biases (trained with the weights; the
+    router weight, router bias and selection bias are not differentiated), returned as
+    (dx, dw_gate, dw_up, dw_down, {name: d bias}). dy is a random cotangent because a plain sum would
+    give XLA a ones cotangent to simplify.
     """
     if pass_ == "fwd":
-        return jax.jit(lambda x, rw, wg, wu, wd, dy: forward(x, rw, wg, wu, wd))
+        return jax.jit(lambda x, rw, wg, wu, wd, extras, dy: forward(x, rw, wg, wu, wd, extras))
 
-    def loss(x, wg, wu, wd, rw, dy):
-        y, _ = forward(x, rw, wg, wu, wd)
+    def loss(x, wg, wu, wd, biases, rw, rest, dy):
+        y, _ = forward(x, rw, wg, wu, wd, {**rest, **biases})
         return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
 
-    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    return jax.jit(lambda x, rw, wg, wu, wd, dy: value_and_grad(x, wg, wu, wd, rw, dy))
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+
+    def step(x, rw, wg, wu, wd, extras, dy):
+        biases = {name: a for name, a in extras.items() if name in EXPERT_BIASES}
+        rest = {name: a for name, a in extras.items() if name not in EXPERT_BIASES}
+        return value_and_grad(x, wg, wu, wd, biases, rw, rest, dy)
+
+    return jax.jit(step)
 
 
 def gemm_roof_ffn(xe, he, w_gate_up, w_down):

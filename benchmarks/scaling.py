@@ -43,17 +43,22 @@ def degrees(n_devices: int) -> list[int]:
 
 
 def sharded_forward(mesh: Mesh, k: int, implementation: str):
-    def forward(x, rw, wg, wu, wd):
+    """The plain layer (softmax top-k, SwiGLU) on the mesh, in benchmarks.peers.make_step's signature; the
+    shapes with router and expert options (and their extra arrays) are not run here."""
+
+    def forward(x, rw, wg, wu, wd, extras):
+        assert not extras, "benchmarks.scaling runs the plain layer only"
         return jaxmoe.moe(x, rw, wg, wu, wd, top_k=k, implementation=implementation, mesh=mesh, expert_axis=AXIS)
 
     return forward
 
 
 def place(mesh: Mesh, x, rw, wg, wu, wd, dy):
+    """The step's arguments on the mesh, with no extra arrays (see sharded_forward)."""
     tokens, experts, replicated = (NamedSharding(mesh, P(AXIS, None)), NamedSharding(mesh, P(AXIS, None, None)),
                                    NamedSharding(mesh, P()))
     return (jax.device_put(x, tokens), jax.device_put(rw, replicated), jax.device_put(wg, experts),
-            jax.device_put(wu, experts), jax.device_put(wd, experts), jax.device_put(dy, tokens))
+            jax.device_put(wu, experts), jax.device_put(wd, experts), {}, jax.device_put(dy, tokens))
 
 
 def run(shape_names, tokens, passes, implementation: str, min_time_s: float, out=None) -> list[dict]:
@@ -73,6 +78,8 @@ def run(shape_names, tokens, passes, implementation: str, min_time_s: float, out
 
     for name in shape_names:
         s = shapes_lib.get(name)
+        if not s.plain:
+            raise SystemExit(f"benchmarks.scaling runs the plain layer; shape {name!r} has options ({s.describe()})")
         weights = (normal((s.d, s.E), 1 / math.sqrt(s.d)), normal((s.E, s.d, s.f), 1 / math.sqrt(s.d)),
                    normal((s.E, s.d, s.f), 1 / math.sqrt(s.d)), normal((s.E, s.f, s.d), 1 / math.sqrt(s.f)))
         for t_l in tokens:
