@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import config, launch, ops
+from jaxmoe.options import Router
 
 
 class Target(NamedTuple):
@@ -37,7 +38,13 @@ TARGETS = {
 
 # d = f = 512 is a multiple of every K tile (EVEN_K); 200 leaves a ragged last K tile.
 _FFN_SHAPES = [(64, 512, 512, 8, 2), (37, 200, 200, 8, 2)]
-_ROUTE_SHAPES = [(64, 8, 2, "softmax", False), (64, 128, 8, "sigmoid", True)]
+# (T, E, router, with a selection bias): plain routers, and both group scores: DeepSeek-V3's router, and
+# DeepSeek-V2's kind at a small E whose groups of 6 no power-of-two tile divides (at V2's own E = 160
+# it compiled the same code in twice the time).
+_ROUTES = [(64, 8, Router(2), False), (64, 128, Router(8, "sigmoid"), True),
+           (64, 256, Router(8, "sigmoid", renormalize_epsilon=1e-20, num_groups=8, top_groups=4,
+                            group_score="top2_sum", scaling_factor=2.5), True),
+           (64, 24, Router(4, num_groups=4, top_groups=2, renormalize=False, scaling_factor=16.0), False)]
 
 
 def _record_ffn(dtype: str, cfg: config.MoEConfig, shape, precision: str, backward: bool
@@ -57,11 +64,11 @@ def _record_ffn(dtype: str, cfg: config.MoEConfig, shape, precision: str, backwa
     return records
 
 
-def _record_route(T, E, k, scoring, with_bias) -> list[launch.LaunchRecord]:
+def _record_route(T, E, router: Router, with_bias) -> list[launch.LaunchRecord]:
     bias = jax.ShapeDtypeStruct((E,), jnp.float32) if with_bias else None
     with launch.recording() as records:  # the kernel with the stats, and with the losses (few programs)
         for route in (ops.route_with_stats, ops.route_with_aux):
-            jax.eval_shape(lambda lg, b: route(lg, k, scoring=scoring, selection_bias=b, mode="record"),
+            jax.eval_shape(lambda lg, b: route(lg, router=router, selection_bias=b, mode="record"),
                            jax.ShapeDtypeStruct((T, E), jnp.float32), bias)
     return records
 
@@ -93,8 +100,8 @@ def shipped_launches(target: str = "sm_90") -> list[launch.LaunchRecord]:
                                backward=False)
     for dtype in ("bfloat16", "float32"):
         records += _record_ffn(dtype, heuristic(64, dtype, 200, 200), _FFN_SHAPES[1], "default", backward=True)
-    for route_shape in _ROUTE_SHAPES:
-        records += _record_route(*route_shape)
+    for route in _ROUTES:
+        records += _record_route(*route)
     records += _record_dispatch(96, 64)  # two chunks, each scatter program counting both (RECOUNT)
     records += _record_dispatch(1024, 128)  # several chunks, summed by each scatter program
     records += _record_dispatch(65536, 128)  # many chunks: count, prefix pass, scatter

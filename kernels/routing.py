@@ -1,7 +1,12 @@
 """Top-k routing: scores, selection bias, top-k and renormalisation for a block of tokens.
 
-    probs[t]  = softmax(logits[t]) or sigmoid(logits[t])
-    ids[t]    = top_k(probs[t] + bias), lower id first on ties, NaN above every number
+    probs[t]   = softmax(logits[t]) or sigmoid(logits[t])
+    choice[t]  = probs[t] (+ bias)
+    groups     : with TOP_GROUPS < NUM_GROUPS, the experts in NUM_GROUPS contiguous groups of
+                 E / NUM_GROUPS; a group scores the max of its choices (GROUP_SCORE "max") or the sum of
+                 its two best ("top2_sum"); the TOP_GROUPS best groups stay (ties: lower group, NaN
+                 above every number), every other group's choice becomes -inf
+    ids[t]     = top_k(choice[t]), lower id first on ties, NaN above every number
     weights[t] = probs[t, ids[t]] / (sum of them (+ RENORM_EPS), if RENORMALIZE) * SCALE
 
 and, per program, the sums over its tokens that the aux losses need (jaxmoe.reference.RouterStats;
@@ -38,6 +43,13 @@ number, as jaxmoe.routing.score_keys orders the reference), BLOCK_E - 1 - id in 
 picked expert's key drops to the minimum, below every real expert's, so it is never picked twice.
 Without a bias the score is the weight, so the weight is decoded from the key; with a bias it is
 summed out of the probs.
+
+Groups are found on the same keys, in the same registers: each group's best key (and, for "top2_sum",
+its second best: the best of the rest) is a masked max over the row, one per group (DeepSeek-V3 has 8);
+each expert then carries its group's 64-bit key (group score key, lower group first), and TOP_GROUPS
+rounds of max over those keys mark the groups kept. The other experts' keys are rebuilt from -inf,
+so the top-k rounds that follow run unchanged. A router that keeps every group launches with
+NUM_GROUPS = TOP_GROUPS = 1, and none of this is compiled.
 """
 
 import triton
@@ -63,6 +75,47 @@ def _score_of_key(key):
     """The float32 score of a _score_key (a NaN for the NaN key: 0x7FFFFFFF is a NaN's bits)."""
     bits = key ^ ((key >> 31) & 0x7FFFFFFF)
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _expert_keys(scores, experts, expert_ok, BLOCK_E: tl.constexpr):
+    """64-bit keys ordering (score, lower id): the score's key in the high half, BLOCK_E - 1 - id in the
+    low half; experts past E hold _NOT_A_CANDIDATE in the high half."""
+    keys = tl.where(expert_ok[None, :], _score_key(scores), _NOT_A_CANDIDATE)
+    return (keys.to(tl.int64) << 32) | (BLOCK_E - 1 - experts)[None, :].to(tl.int64)
+
+
+@triton.jit
+def _kept_groups(keys, experts, E: tl.constexpr, NUM_GROUPS: tl.constexpr, TOP_GROUPS: tl.constexpr,
+                 GROUP_SCORE: tl.constexpr):
+    """[BLOCK_T, BLOCK_E] bool: whether each expert's group is among its row's TOP_GROUPS best groups
+    (jaxmoe.routing.kept_groups). keys: _expert_keys of the choices."""
+    group = experts // (E // NUM_GROUPS)  # experts past E fall in no group (group >= NUM_GROUPS)
+    # Every expert's group key: (the group's score key, NUM_GROUPS - 1 - group), so a max prefers the
+    # higher score, then the lower group. Experts in no group keep _PICKED and are never a group's best.
+    group_keys = tl.full(keys.shape, _PICKED, tl.int64)
+    score_keys = (keys >> 32).to(tl.int32)
+    for g in tl.static_range(NUM_GROUPS):
+        member = (group == g)[None, :]
+        if GROUP_SCORE == "max":
+            # The max of the score keys is the key of the max (a NaN's is the largest, as jnp.max gives NaN);
+            # 32 bits, half the shuffles of a 64-bit max.
+            score_key = tl.max(tl.where(member, score_keys, _NOT_A_CANDIDATE), axis=1)
+        else:
+            best = tl.max(tl.where(member, keys, _PICKED), axis=1)
+            # "top2_sum": keys are unique in a row (the id is in them), so the second best is the best of the rest.
+            second = tl.max(tl.where(member & (keys != best[:, None]), keys, _PICKED), axis=1)
+            total = _score_of_key((best >> 32).to(tl.int32)) + _score_of_key((second >> 32).to(tl.int32))
+            score_key = _score_key(total + 0.0)  # + 0.0: -0.0 ties with 0.0, as in score_keys
+        group_key = (score_key.to(tl.int64) << 32) | (NUM_GROUPS - 1 - g)
+        group_keys = tl.where(member, group_key[:, None], group_keys)
+    kept = tl.zeros(keys.shape, dtype=tl.int1)
+    for _ in tl.static_range(TOP_GROUPS):
+        best_group = tl.max(group_keys, axis=1)
+        chosen = group_keys == best_group[:, None]  # every expert of the best group
+        kept = kept | chosen
+        group_keys = tl.where(chosen, _PICKED, group_keys)
+    return kept
 
 
 @triton.jit
@@ -94,6 +147,9 @@ def topk_routing_kernel(
     RENORM_EPS: tl.constexpr,  # > 0: weights / (sum + RENORM_EPS) (DeepSeek's 1e-20); 0: guarded by float32 tiny
     SCALE: tl.constexpr,  # the routed scaling factor, applied after renormalisation
     HAS_BIAS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # 1 unless group-limited (TOP_GROUPS < NUM_GROUPS); NUM_GROUPS divides E
+    TOP_GROUPS: tl.constexpr,
+    GROUP_SCORE: tl.constexpr,  # "max" or "top2_sum"
     FINALIZE: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr,  # with FINALIZE: a power of two, at least the programs
 ):
@@ -129,8 +185,13 @@ def topk_routing_kernel(
     scores = probs + 0.0  # + 0.0 turns -0.0 into +0.0, which the float comparison ties with it
     if HAS_BIAS:
         scores = scores + tl.load(bias_ptr + experts, mask=expert_ok, other=0.0)[None, :]
-    keys = tl.where(expert_ok[None, :], _score_key(scores), _NOT_A_CANDIDATE)
-    keys = (keys.to(tl.int64) << 32) | (BLOCK_E - 1 - experts)[None, :].to(tl.int64)
+    keys = _expert_keys(scores, experts, expert_ok, BLOCK_E)
+    if TOP_GROUPS < NUM_GROUPS:
+        kept = _kept_groups(keys, experts, E, NUM_GROUPS, TOP_GROUPS, GROUP_SCORE)
+        # The left-out groups' choices are -inf, as in the reference (tied with a kept -inf by id). Without
+        # a bias every kept choice is a prob (0 to 1, or NaN), above -inf, and top_k <= the kept experts,
+        # so no left-out expert is picked and a picked key still decodes to the expert's prob.
+        keys = _expert_keys(tl.where(kept, scores, -float("inf")), experts, expert_ok, BLOCK_E)
 
     slots = tl.arange(0, BLOCK_K)
     picked_ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)

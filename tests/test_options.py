@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxmoe
-from jaxmoe import Experts, Router, reference
+from jaxmoe import Experts, Router, ops, reference
 from conftest import TOLERANCE, Problem, assert_close, rel_err
 
 IMPLEMENTATIONS = ["xla", "interpret", pytest.param("triton", marks=pytest.mark.gpu)]
@@ -136,7 +136,7 @@ def test_routing_kernel_matches_route(impl, name):
     router = ROUTERS[name]
     logits = jax.random.normal(jax.random.key(3), (21, 16)) * 2
     bias = jax.random.uniform(jax.random.key(4), (16,), jnp.float32, -0.3, 0.3)
-    got_routing, got_aux = jaxmoe.ops.route_with_aux(logits, router=router, selection_bias=bias, mode=impl)
+    got_routing, got_aux = ops.route_with_aux(logits, router=router, selection_bias=bias, mode=impl)
     want_routing, want_aux = reference.route_with_aux(logits, router=router, selection_bias=bias)
     np.testing.assert_array_equal(np.asarray(got_routing.ids), np.asarray(want_routing.ids))
     np.testing.assert_allclose(np.asarray(got_routing.weights), np.asarray(want_routing.weights), rtol=1e-6)
@@ -147,7 +147,65 @@ def test_routing_kernel_matches_route(impl, name):
     def loss(fn):
         return jax.grad(lambda lg: jnp.sum(fn(lg, router=router, selection_bias=bias)[0].weights * g))(logits)
 
-    assert rel_err(loss(functools.partial(jaxmoe.ops.route_with_aux, mode=impl)), loss(reference.route_with_aux)) < 1e-6
+    assert rel_err(loss(functools.partial(ops.route_with_aux, mode=impl)), loss(reference.route_with_aux)) < 1e-6
+
+
+def _group_rows(E: int, size: int):
+    """Rows of logits (for a selection bias tiled per group) on which groups tie: every group equal (the
+    lower groups are kept), groups 1 and 3 equal and best, groups 1, 2 and 3 equal and best; each group's
+    own experts tie in pairs too."""
+    one = np.repeat(np.linspace(-1.0, 1.0, (size + 1) // 2), 2)[:size]
+    low = one - 3.0
+    groups = E // size
+    return np.stack([np.tile(one, groups), np.concatenate([low, one, low, one][:groups]),
+                     np.concatenate([low, one, one, one][:groups])]).astype(np.float32)
+
+
+GROUP_CASES = {
+    # E = 24 in 4 groups of 6 (a 32-wide tile), 37 tokens over 3 programs, the first rows tying groups
+    "max_ties": (Router(4, num_groups=4, top_groups=2, group_score="max"), True),
+    # k is every kept expert
+    "top2_sum_ties_k_all_kept": (Router(12, scoring="sigmoid", renormalize_epsilon=1e-20, num_groups=4,
+                                        top_groups=2, group_score="top2_sum", scaling_factor=2.5), False),
+}
+
+
+@pytest.mark.parametrize("name", GROUP_CASES)
+def test_routing_kernel_groups(name):
+    """Group-limited selection in the kernel on ties between groups and experts, E not a power of two,
+    k = every kept expert and several programs: ids equal to the reference's, and the stats of both
+    kernel variants (the losses in the kernel, and the programs' sums added by XLA)."""
+    router, with_bias = GROUP_CASES[name]
+    E, size = 24, 6
+    logits = jax.random.normal(jax.random.key(6), (37, E)).at[:3].set(_group_rows(E, size))
+    bias = jnp.tile(jnp.array([0.1, -0.2, 0.0, 0.3, 0.1, -0.1]), 4) if with_bias else None
+    for kernel, spec in ((ops.route_with_aux, reference.route_with_aux),
+                         (ops.route_with_stats, reference.route_with_stats)):
+        got_routing, got_stats = kernel(logits, router=router, selection_bias=bias, mode="interpret")
+        want_routing, want_stats = spec(logits, router=router, selection_bias=bias)
+        np.testing.assert_array_equal(np.asarray(got_routing.ids), np.asarray(want_routing.ids))
+        np.testing.assert_allclose(np.asarray(got_routing.weights), np.asarray(want_routing.weights), rtol=1e-6)
+        for a, b in zip(got_stats, want_stats):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    _, ids = route_oracle(logits[:3], router, bias)  # the tie rows kept the lower groups
+    np.testing.assert_array_equal(np.asarray(got_routing.ids[:3]), ids)
+
+
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_routing_kernel_groups_nan_and_no_tokens(group_score):
+    """A NaN choice ranks its group above every other and its expert first, as in the reference (sigmoid
+    scores keep the NaN to one expert); infinite logits; and T = 0."""
+    router = Router(3, scoring="sigmoid", num_groups=4, top_groups=2, group_score=group_score)
+    logits = jax.random.normal(jax.random.key(7), (4, 24))
+    logits = logits.at[0, 15].set(jnp.nan).at[1, 2].set(jnp.nan).at[1, 20].set(jnp.nan)
+    logits = logits.at[2, 7].set(jnp.inf).at[2, 19].set(jnp.inf).at[3, :6].set(-jnp.inf)
+    got = ops.route(logits, router=router, mode="interpret")
+    want = jaxmoe.route(logits, router=router)
+    np.testing.assert_array_equal(np.asarray(got.ids), np.asarray(want.ids))
+    assert got.ids[0, 0] == 15 and list(got.ids[1, :2]) == [2, 20]
+    np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-6)
+    empty = ops.route_with_aux(jnp.zeros((0, 24)), router=router, mode="interpret")[0]
+    assert empty.ids.shape == (0, 3) and empty.weights.shape == (0, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------

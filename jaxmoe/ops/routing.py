@@ -33,10 +33,14 @@ class _RouteOptions:
 
 def _checked(logits, router: Router, selection_bias) -> Router:
     _validate.check_route_args(logits, router, selection_bias)
-    if router.grouped:
-        raise NotImplementedError("group-limited routing (Router.top_groups < num_groups) is not in the Triton "
-                                  "routing kernel yet; use implementation='xla'")
     return router
+
+
+def _group_constexprs(router: Router) -> dict:
+    """The kernel's group constexprs; a router that keeps every group compiles as one without groups."""
+    if not router.grouped:
+        return dict(NUM_GROUPS=1, TOP_GROUPS=1, GROUP_SCORE="max")
+    return dict(NUM_GROUPS=router.num_groups, TOP_GROUPS=router.top_groups, GROUP_SCORE=router.group_score)
 
 
 def route(logits, top_k=None, *, scoring="softmax", renormalize=True, selection_bias=None, router=None,
@@ -107,7 +111,7 @@ def _route_forward(logits, bias, options: _RouteOptions):
         zeroed_outputs=(6,) if finalize else (),
         E=E, TOP_K=k, BLOCK_T=block_t, BLOCK_E=_next_pow2(E), BLOCK_K=_next_pow2(k),
         SIGMOID=router.scoring == "sigmoid", RENORMALIZE=router.renormalize, RENORM_EPS=router.renormalize_epsilon,
-        SCALE=router.scaling_factor, HAS_BIAS=bias is not None,
+        SCALE=router.scaling_factor, HAS_BIAS=bias is not None, **_group_constexprs(router),
         FINALIZE=finalize, MAX_PROGRAMS=_next_pow2(programs) if finalize else 1)  # one compile per bucket of T
     if finalize:
         return weights, ids, probs, expert_counts, load_balancing.reshape(()), z_loss.reshape(())
