@@ -3,7 +3,7 @@
 A .safetensors file is an 8-byte little-endian header length n, n bytes of JSON mapping each tensor name to
 {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the bytes after the header), and the raw
 little-endian tensor bytes. The `safetensors` package's numpy reader refuses bfloat16 and float8, the dtypes real
-checkpoints are stored in, so this reads them through ml_dtypes (which JAX depends on), memory-mapped: only the
+checkpoints are stored in, so this reads them as JAX's numpy dtypes for those (ml_dtypes'), memory-mapped: only the
 bytes of the tensors asked for are read.
 """
 
@@ -13,18 +13,18 @@ import json
 import os
 import struct
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(jnp.bfloat16),
+    "F8_E4M3": np.dtype(jnp.float8_e4m3fn), "F8_E5M2": np.dtype(jnp.float8_e5m2),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-if hasattr(ml_dtypes, "float8_e8m0fnu"):  # DeepSeek-V3.2 style ue8m0 scales
-    DTYPES["F8_E8M0"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+if hasattr(jnp, "float8_e8m0fnu"):  # ue8m0 block scales (DeepSeek-V3.2 style)
+    DTYPES["F8_E8M0"] = np.dtype(jnp.float8_e8m0fnu)
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -72,7 +72,7 @@ class SafetensorsFile:
 
 
 def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write numpy arrays (bfloat16 and float8 as ml_dtypes) as a .safetensors file that transformers reads."""
+    """Write numpy arrays (bfloat16 and float8 as jnp.bfloat16, jnp.float8_*) as a .safetensors file that transformers reads."""
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])

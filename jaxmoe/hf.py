@@ -453,3 +453,139 @@ def export_arrays(plan: LayerPlan, prefix: str, params: dict[str, np.ndarray],
         assert tuple(w.shape) == shape, (name, w.shape, shape)
         out[name] = np.ascontiguousarray(w, dtypes[name])
     return out
+
+
+# --- the public API ------------------------------------------------------------------------------------------------
+
+_CONFIG_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
+
+
+def _param_dtype(ckpt: Checkpoint, dtype) -> np.dtype:
+    """`dtype`, or where None the dtype config.json names (transformers writes "dtype", older files "torch_dtype"),
+    else float32. Quantised tensors are dequantised to it."""
+    import jax.numpy as jnp
+    if dtype is not None:
+        return np.dtype(jnp.dtype(dtype))
+    for config in (ckpt.config, ckpt.config.get("text_config") or {}):
+        name = config.get("dtype", config.get("torch_dtype"))
+        if name in _CONFIG_DTYPES:
+            return np.dtype(jnp.dtype(_CONFIG_DTYPES[name]))
+    return np.dtype(np.float32)
+
+
+def _param_names(plan: LayerPlan) -> list[str]:
+    options = dict(plan.options)
+    names = ["router", "w_gate", "w_up", "w_down"]
+    if options.get("router_bias"):
+        names.append("router_bias")
+    if options.get("expert_bias"):
+        names += ["b_gate", "b_up", "b_down"]
+    if plan.shared_name is not None:
+        names += ["shared_w_gate", "shared_w_up", "shared_w_down"]
+    if options.get("shared_gate"):
+        names.append("shared_output_gate")
+    return names
+
+
+def _layer_options(plan: LayerPlan, param_dtype, implementation, layer_kwargs: dict) -> dict:
+    import jaxmoe
+    clash = {"router", "experts", "param_dtype", "implementation", "rngs"} & set(layer_kwargs)
+    clash |= {name for name, _ in plan.options} & set(layer_kwargs)
+    if clash:
+        raise TypeError(f"{sorted(clash)} are set from config.json or load_layer's own arguments, not layer_kwargs")
+    return dict(router=jaxmoe.Router(**dict(plan.router)), experts=jaxmoe.Experts(**dict(plan.experts)),
+                **dict(plan.options), param_dtype=param_dtype, implementation=implementation, **layer_kwargs)
+
+
+def load_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | None = None, **layer_kwargs):
+    """Decoder layer `layer`'s MoE block of a Hugging Face checkpoint as an nnx `jaxmoe.MoELayer`.
+
+    `layer(x)` for x [..., d] gives what the transformers block gives (its first output, in x's shape). The router,
+    expert and shared-expert options come from config.json (SEMANTICS.md says how, family by family); only this
+    layer's tensors are read.
+
+    Args:
+      checkpoint_dir: a directory with config.json and model.safetensors or model.safetensors.index.json and its
+        shards (model_type one of `SUPPORTED_MODEL_TYPES`).
+      layer: the decoder layer's index; it must be one of the model's MoE layers.
+      dtype: the parameters' dtype (MoELayer's param_dtype); fp8 and MXFP4 weights are dequantised to it. None: the
+        dtype config.json names, else float32. The selection bias (DeepSeek-V3's e_score_correction_bias) stays
+        float32.
+      implementation: passed to MoELayer.
+      layer_kwargs: more MoELayer arguments (dtype of the computation is `layer_kwargs["dtype"]`, mesh, ...).
+    """
+    from flax import nnx
+    import jax.numpy as jnp
+    import jaxmoe
+
+    ckpt = Checkpoint(checkpoint_dir)
+    plan = plan_layer(ckpt.config, layer, os.path.join(ckpt.directory, "config.json"))
+    param_dtype = _param_dtype(ckpt, dtype)
+    arrays, _ = read_arrays(ckpt, plan, param_dtype)
+    options = _layer_options(plan, jnp.dtype(param_dtype), implementation, layer_kwargs)
+    # Built abstractly (no random initialisation of what the checkpoint then overwrites), then filled in.
+    module = nnx.eval_shape(lambda: jaxmoe.MoELayer(plan.d_model, plan.d_ff, plan.num_experts, **options,
+                                                    rngs=nnx.Rngs(0)))
+    names = _param_names(plan) + (["selection_bias"] if "selection_bias" in arrays else [])
+    for name in names:
+        variable = getattr(module, name)
+        want = variable.get_value()
+        if tuple(want.shape) != arrays[name].shape:
+            raise AssertionError(f"jaxmoe.hf maps {name} to {arrays[name].shape} but MoELayer has {want.shape}")
+        variable.set_value(jnp.asarray(arrays[name], want.dtype))
+    for path, variable in nnx.to_flat_state(nnx.state(module)):
+        if not hasattr(variable.get_value(), "__array__") and not isinstance(variable.get_value(), jnp.ndarray):
+            raise AssertionError(f"MoELayer has a variable {'.'.join(map(str, path))} that jaxmoe.hf does not fill")
+    return module
+
+
+def load_linen_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | None = None, **layer_kwargs):
+    """`load_layer` for flax.linen: (a `jaxmoe.linen.MoELayer`, its variables) with
+    variables = {"params": {...}} plus {"router_state": {"selection_bias": ...}} where the family has one;
+    `module.apply(variables, x)` gives the block's output."""
+    import jax.numpy as jnp
+    import jaxmoe.linen
+
+    ckpt = Checkpoint(checkpoint_dir)
+    plan = plan_layer(ckpt.config, layer, os.path.join(ckpt.directory, "config.json"))
+    param_dtype = _param_dtype(ckpt, dtype)
+    arrays, _ = read_arrays(ckpt, plan, param_dtype)
+    module = jaxmoe.linen.MoELayer(plan.d_model, plan.d_ff, plan.num_experts,
+                                   **_layer_options(plan, jnp.dtype(param_dtype), implementation, layer_kwargs))
+    variables = {"params": {name: jnp.asarray(arrays[name]) for name in _param_names(plan)}}
+    if "selection_bias" in arrays:
+        variables["router_state"] = {"selection_bias": jnp.asarray(arrays["selection_bias"])}
+    return module, variables
+
+
+def export_layer(layer, checkpoint_dir, layer_index: int, *, dtype=None) -> dict[str, np.ndarray]:
+    """The layer's weights as the checkpoint's on-disk tensors: {name: numpy array}, in its layout.
+
+    `layer` is an nnx MoELayer (e.g. from `load_layer`, fine-tuned) or linen variables ({"params": ...,
+    "router_state": ...}); `checkpoint_dir` and `layer_index` name the checkpoint and layer it goes back to (its
+    config.json fixes the names and layout). Each tensor has the dtype it has on disk; tensors stored quantised there
+    come back unquantised (fp8 `X.weight` without `X.weight_scale_inv`, MXFP4 `X` instead of `X_blocks` and
+    `X_scales`), in `dtype` (None: the layer's). `save_safetensors` writes the result.
+    """
+    ckpt = Checkpoint(checkpoint_dir)
+    plan = plan_layer(ckpt.config, layer_index, os.path.join(ckpt.directory, "config.json"))
+    prefix = _prefix(plan, ckpt)
+    if isinstance(layer, dict):
+        values = dict(layer.get("params", {}))
+        values.update(layer.get("router_state", {}))
+    else:
+        values = {name: getattr(layer, name).get_value() for name in _param_names(plan)}
+        if dict(plan.options).get("selection_bias"):
+            values["selection_bias"] = layer.selection_bias.get_value()
+    missing = [name for name in _param_names(plan) if name not in values]
+    if missing:
+        raise KeyError(f"the layer has no {missing}, which this {plan.model_type} checkpoint's layer needs")
+    params = {name: np.asarray(value) for name, value in values.items()}
+    fallback = np.dtype(dtype) if dtype is not None else params["w_gate"].dtype
+    dtypes = {name: ckpt.stored_dtype(name) or fallback for name in tensor_names(plan, prefix)}
+    return export_arrays(plan, prefix, params, dtypes)
+
+
+def save_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    """Write {name: numpy array} (bfloat16 as jnp.bfloat16) as a .safetensors file, e.g. `export_layer`'s result."""
+    _safetensors.save(os.fspath(path), tensors)
