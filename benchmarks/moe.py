@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmoe
-from jaxmoe import reference
+from jaxmoe import pipeline
 
 from benchmarks import shapes as shapes_lib
 from benchmarks.peers import IMPLS, PASSES, PEERS, impl_availability, make_forward, make_gemm_roof, make_step
@@ -172,7 +172,7 @@ def make_weights(shape: shapes_lib.MoEShape, normal: Normal, n_sets: int):
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _active_experts(x, router_weight, *, k: int):
-    routing = jaxmoe.route(reference.router_logits(x, router_weight), k, scoring="softmax", renormalize=True)
+    routing = jaxmoe.route(pipeline.router_logits(x, router_weight), k, scoring="softmax", renormalize=True)
     E = router_weight.shape[1]
     return jnp.sum(jnp.zeros(E, jnp.int32).at[routing.ids.reshape(-1)].add(1) > 0)
 

@@ -4,7 +4,7 @@ Implementations:
   triton   jaxmoe.moe(..., implementation="triton")                   (GPU only)
   xla      the jax.lax reference: jaxmoe.moe(..., implementation="xla") on CPU, the same pipeline with
            jax.lax.ragged_dot as it is on a GPU (see make_forward)
-  tokamax  jaxmoe.reference.moe_pipeline with tokamax.ragged_dot_general(implementation="mosaic") as the
+  tokamax  jaxmoe.pipeline.moe_pipeline with tokamax.ragged_dot_general(implementation="mosaic") as the
            grouped GEMM (GPU only, and only when `import tokamax` works), through
            jaxmoe.reference.make_ragged_dot: its VJP is two more tokamax ragged GEMMs. tokamax runs its
            heuristic kernel config (no autotuning cache).
@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import jaxmoe
-from jaxmoe import reference
+from jaxmoe import pipeline, reference
+from jaxmoe.options import Experts, Router, make_router
 from jaxmoe.routing import Routing, expert_probs, selected_weights
 
 IMPLS = ("triton", "xla", "tokamax")
@@ -37,7 +38,7 @@ def _tokamax_general(lhs, rhs, group_sizes, dims, precision, preferred_element_t
 tokamax_ragged_dot = reference.make_ragged_dot(_tokamax_general)
 
 
-def lax_route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None):
+def lax_route(logits, top_k=None, *, scoring="softmax", renormalize=True, selection_bias=None, router=None):
     """Routing as plain jax.lax code writes it, for the peer rows: jax.lax.top_k on the float scores,
     then the aux losses' statistics in jax.lax (reference.router_stats). Returns (Routing, RouterStats).
 
@@ -45,10 +46,14 @@ def lax_route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None):
     backend); XLA may run an integer top-k by another, slower kernel, which would slow the peers and
     flatter us.
     """
-    probs = expert_probs(logits, scoring)
-    scores = probs if bias is None else probs + bias.astype(jnp.float32)
-    ids = jax.lax.top_k(scores, top_k)[1].astype(jnp.int32)
-    routing = Routing(selected_weights(probs, ids, renormalize), ids, probs)
+    router = make_router(router, top_k, scoring, renormalize)
+    if router.grouped:  # the peers' own group-limited selection is the reference's, in jax.lax already
+        routing = jaxmoe.route(logits, router=router, selection_bias=selection_bias)
+        return routing, reference.router_stats(logits, routing, logits.shape[-1])
+    probs = expert_probs(logits, router.scoring)
+    scores = probs if selection_bias is None else probs + selection_bias.astype(jnp.float32)
+    ids = jax.lax.top_k(scores, router.top_k)[1].astype(jnp.int32)
+    routing = Routing(selected_weights(probs, ids, router), ids, probs)
     return routing, reference.router_stats(logits, routing, logits.shape[-1])
 
 
@@ -88,9 +93,12 @@ def make_forward(impl: str, k: int):
     if impl == "tokamax" or (impl == "xla" and jax.default_backend() == "gpu"):
         ragged_dot = tokamax_ragged_dot if impl == "tokamax" else jax.lax.ragged_dot
         expert_ffn = functools.partial(reference.grouped_expert_ffn, ragged_dot=ragged_dot)
-        return functools.partial(reference.moe_pipeline, top_k=k, scoring="softmax", renormalize=True,
-                                 bias=None, routing_fn=reference.finalized(lax_route),
-                                 expert_ffn_fn=expert_ffn)
+        def forward(x, router_weight, w_gate, w_up, w_down):
+            params = pipeline.MoEParams(router_weight, w_gate, w_up, w_down)
+            return pipeline.moe_pipeline(x, params, Router(k), Experts(), routing_fn=reference.finalized(lax_route),
+                                         expert_ffn_fn=expert_ffn)
+
+        return forward
     return functools.partial(jaxmoe.moe, top_k=k, scoring="softmax", renormalize=True, implementation=impl)
 
 

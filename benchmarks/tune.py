@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 import jaxmoe
 from jaxmoe import config as configs
-from jaxmoe import ops, reference
+from jaxmoe import ops, pipeline
 from jaxmoe.ops import gemm as gemm_ops
 from jaxmoe.ops.ffn import device_kind
 from benchmarks import shapes as shapes_lib
@@ -106,7 +106,7 @@ class Cell:
         self.w_gate = (jax.random.normal(keys[2], (E, d, f), bf16) / math.sqrt(d)).astype(bf16)
         self.w_up = (jax.random.normal(keys[3], (E, d, f), bf16) / math.sqrt(d)).astype(bf16)
         self.w_down = (jax.random.normal(keys[4], (E, f, d), bf16) / math.sqrt(f)).astype(bf16)
-        self.logits = jax.jit(reference.router_logits)(self.x, self.router)
+        self.logits = jax.jit(pipeline.router_logits)(self.x, self.router)
         routing = jax.jit(functools.partial(jaxmoe.route, top_k=k))(self.logits)
         self.weights, self.ids = routing.weights, routing.ids
         self.row_weights = routing.weights.reshape(-1)

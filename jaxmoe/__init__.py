@@ -3,22 +3,27 @@
 from jaxmoe import linen
 from jaxmoe import reference
 from jaxmoe.api import IMPLEMENTATIONS, SUPPORTED_DTYPES, expert_ffn, moe, resolve_implementation
-from jaxmoe.layers import MoELayer
+from jaxmoe.layers import MoELayer, SelectionBias, update_selection_bias
+from jaxmoe.options import Experts, Router
 from jaxmoe.reference import MoEAux
 from jaxmoe.routing import Routing, route
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Experts",
     "IMPLEMENTATIONS",
     "MoEAux",
     "MoELayer",
     "SUPPORTED_DTYPES",
+    "Router",
     "Routing",
+    "SelectionBias",
     "expert_ffn",
     "linen",
     "moe",
     "reference",
     "resolve_implementation",
     "route",
+    "update_selection_bias",
 ]

@@ -22,20 +22,38 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import reference
+from jaxmoe.options import Experts
 
 
 def batchable(expert_ffn_fn: Callable) -> Callable:
-    """expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first) -> the same function (with
-    expert_first defaulting to 0), folded under vmap."""
+    """expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down, *, experts) ->
+    the same function (expert_first defaulting to 0, the biases to None), folded under vmap."""
+
+    @functools.cache
+    def folded(experts: Experts):
+        return _fold(functools.partial(expert_ffn_fn, experts=experts))
+
+    def call(x, weights, ids, w_gate, w_up, w_down, expert_first=0, b_gate=None, b_up=None, b_down=None, *,
+             experts: Experts = Experts()):
+        return folded(experts)(x, weights, ids, w_gate, w_up, w_down, jnp.asarray(expert_first, jnp.int32),
+                               b_gate, b_up, b_down)
+
+    return call
+
+
+def _fold(expert_ffn_fn: Callable) -> Callable:
+    """expert_ffn_fn (every argument positional; the biases may be None) under a custom_vmap that folds
+    the batch into tokens, and a custom_vjp that gives the custom_vmap reverse mode."""
 
     @jax.custom_vjp
     @jax.custom_batching.custom_vmap
-    def ffn(x, weights, ids, w_gate, w_up, w_down, expert_first):
-        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first)
+    def ffn(x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down):
+        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down)
 
     @ffn.def_vmap
-    def ffn_vmap(axis_size, in_batched, x, weights, ids, w_gate, w_up, w_down, expert_first):
-        args = (x, weights, ids, w_gate, w_up, w_down, expert_first)
+    def ffn_vmap(axis_size, in_batched, x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down):
+        args = (x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down)
+        # A bias left out is None, whose in_batched entry is None too: falsy, as for an unbatched one.
         if any(in_batched[3:]):  # per-element experts (or expert ranges): one call per element
 
             def one_element(batched):
@@ -48,26 +66,21 @@ def batchable(expert_ffn_fn: Callable) -> Callable:
         B, T, d = x.shape
         k = ids.shape[-1]
         # ffn, not expert_ffn_fn: an outer vmap folds its batch axis into these tokens too.
-        y = ffn(x.reshape(B * T, d), weights.reshape(B * T, k), ids.reshape(B * T, k), w_gate, w_up, w_down,
-                expert_first)
+        y = ffn(x.reshape(B * T, d), weights.reshape(B * T, k), ids.reshape(B * T, k), *args[3:])
         return y.reshape(B, T, d), True
 
-    def ffn_fwd(x, weights, ids, w_gate, w_up, w_down, expert_first):
-        def differentiable(x, weights, w_gate, w_up, w_down):
-            return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first)
+    def ffn_fwd(x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down):
+        def differentiable(x, weights, w_gate, w_up, w_down, b_gate, b_up, b_down):
+            return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, expert_first, b_gate, b_up, b_down)
 
-        return jax.vjp(differentiable, x, weights, w_gate, w_up, w_down)
+        return jax.vjp(differentiable, x, weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
 
     def ffn_bwd(vjp, d_y):
-        d_x, d_weights, d_gate, d_up, d_down = vjp(d_y)
-        return d_x, d_weights, None, d_gate, d_up, d_down, None
+        d_x, d_weights, d_gate, d_up, d_down, d_b_gate, d_b_up, d_b_down = vjp(d_y)
+        return d_x, d_weights, None, d_gate, d_up, d_down, None, d_b_gate, d_b_up, d_b_down
 
     ffn.defvjp(ffn_fwd, ffn_bwd)
-
-    def call(x, weights, ids, w_gate, w_up, w_down, expert_first=0):
-        return ffn(x, weights, ids, w_gate, w_up, w_down, jnp.asarray(expert_first, jnp.int32))
-
-    return call
+    return ffn
 
 
 def ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_element_type=None):

@@ -25,6 +25,10 @@ LOGITS = ("T", "E")
 BIAS = ("E",)
 W_IN = ("E", "d", "f")
 W_OUT = ("E", "f", "d")
+B_IN = ("E", "f")
+B_OUT = ("E", "d")
+SHARED_IN = ("d", "fs")
+SHARED_OUT = ("fs", "d")
 
 
 def array_shape(a, name: str) -> tuple[int, ...]:
@@ -97,15 +101,20 @@ def check_same_float(*args: tuple[str, object]) -> jnp.dtype:
     return dtypes[0][1]
 
 
-def check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down) -> tuple[int, int, int, int, int]:
+def check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down, b_gate=None, b_up=None,
+                          b_down=None) -> tuple[int, int, int, int, int]:
     """Returns (T, d, f, E, k)."""
     dims = check_shapes(("x", X_TOKENS, x), ("weights", PER_TOKEN, weights), ("ids", PER_TOKEN, ids),
-                        ("w_gate", W_IN, w_gate), ("w_up", W_IN, w_up), ("w_down", W_OUT, w_down))
+                        ("w_gate", W_IN, w_gate), ("w_up", W_IN, w_up), ("w_down", W_OUT, w_down),
+                        ("b_gate", B_IN, b_gate), ("b_up", B_IN, b_up), ("b_down", B_OUT, b_down))
+    check_all_or_none(("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down))
     T, d, f, E, k = (dims[dim] for dim in ("T", "d", "f", "E", "k"))
     if not 1 <= k <= E:
         raise ValueError(f"k must satisfy 1 <= k <= E, but ids, weights have k={k} and w_gate, w_up, w_down "
                          f"have E={E} (ids [T, k] = {ids.shape}, w_gate [E, d, f] = {w_gate.shape})")
-    check_same_float(("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))
+    check_same_float(("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down),
+                     *[(name, a) for name, a in (("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down))
+                       if a is not None])
     if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
         raise TypeError(f"ids must be an integer array, got {jnp.result_type(ids)}")
     if not jnp.issubdtype(jnp.result_type(weights), jnp.floating):
@@ -128,24 +137,13 @@ def check_ids_in_range(ids, E: int) -> None:
                          f"got values in [{values.min()}, {values.max()}]")
 
 
-def check_top_k(top_k, E: int, E_from: str) -> int:
-    """E_from says which arguments E was read from, for the message."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise TypeError(f"top_k must be a Python int, got {type(top_k).__name__}")
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must satisfy 1 <= top_k <= E, but top_k={top_k} and {E_from}")
-    return int(top_k)
-
-
-def check_route_args(logits, top_k, scoring: str, bias) -> int:
-    """Returns top_k as a Python int."""
-    E = check_shapes(("logits", LOGITS, logits), ("bias", BIAS, bias))["E"]
+def check_route_args(logits, router, selection_bias) -> None:
+    """logits [T, E] and an optional selection_bias [E] against a jaxmoe.Router."""
+    E = check_shapes(("logits", LOGITS, logits), ("selection_bias", BIAS, selection_bias))["E"]
     check_float(logits, "logits")
-    if bias is not None:
-        check_float(bias, "bias")
-    top_k = check_top_k(top_k, E, f"logits has E={E} (logits [T, E] = {logits.shape})")
-    check_scoring(scoring)
-    return top_k
+    if selection_bias is not None:
+        check_float(selection_bias, "selection_bias")
+    router.check_experts(E, f"logits has E={E} (logits [T, E] = {logits.shape})")
 
 
 def check_scoring(scoring: str) -> None:
@@ -153,17 +151,40 @@ def check_scoring(scoring: str) -> None:
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
 
 
-def check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias) -> tuple[int, int]:
-    """Returns (d, E)."""
+def check_moe_args(x, router_weight, w_gate, w_up, w_down, router, *, router_bias=None, selection_bias=None,
+                   b_gate=None, b_up=None, b_down=None, shared=None) -> tuple[int, int]:
+    """Returns (d, E). shared: (shared_w_gate, shared_w_up, shared_w_down, shared_output_gate) or None."""
+    shared_w_gate, shared_w_up, shared_w_down, shared_output_gate = shared or (None, None, None, None)
     dims = check_shapes(("x", X_ANY, x), ("router_weight", ROUTER_WEIGHT, router_weight),
                         ("w_gate", W_IN, w_gate), ("w_up", W_IN, w_up), ("w_down", W_OUT, w_down),
-                        ("bias", BIAS, bias))
+                        ("router_bias", BIAS, router_bias), ("selection_bias", BIAS, selection_bias),
+                        ("b_gate", B_IN, b_gate), ("b_up", B_IN, b_up), ("b_down", B_OUT, b_down),
+                        ("shared_w_gate", SHARED_IN, shared_w_gate), ("shared_w_up", SHARED_IN, shared_w_up),
+                        ("shared_w_down", SHARED_OUT, shared_w_down),
+                        ("shared_output_gate", ("d",), shared_output_gate))
     d, E = dims["d"], dims["E"]
-    check_same_float(("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))
+    check_same_float(("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down),
+                     *[(name, a) for name, a in (("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down),
+                                                 ("shared_w_gate", shared_w_gate), ("shared_w_up", shared_w_up),
+                                                 ("shared_w_down", shared_w_down)) if a is not None])
     check_float(router_weight, "router_weight")  # any float: the logits are computed in float32
-    if bias is not None:
-        check_float(bias, "bias")
-    check_top_k(top_k, E, f"router_weight, w_gate, w_up, w_down have E={E} "
-                          f"(router_weight [d, E] = {router_weight.shape})")
-    check_scoring(scoring)
+    for name, a in (("router_bias", router_bias), ("selection_bias", selection_bias),
+                    ("shared_output_gate", shared_output_gate)):
+        if a is not None:
+            check_float(a, name)
+    check_all_or_none(("b_gate", b_gate), ("b_up", b_up), ("b_down", b_down))
+    check_all_or_none(("shared_w_gate", shared_w_gate), ("shared_w_up", shared_w_up), ("shared_w_down", shared_w_down))
+    if shared_output_gate is not None and shared_w_gate is None:
+        raise ValueError("shared_output_gate gates the shared experts: pass shared_w_gate, shared_w_up and "
+                         "shared_w_down too")
+    router.check_experts(E, f"router_weight, w_gate, w_up, w_down have E={E} "
+                            f"(router_weight [d, E] = {router_weight.shape})")
     return d, E
+
+
+def check_all_or_none(*args: tuple[str, object]) -> None:
+    given = [name for name, a in args if a is not None]
+    if given and len(given) != len(args):
+        missing = [name for name, a in args if a is None]
+        raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: pass all of "
+                         f"{', '.join(name for name, _ in args)} or none")

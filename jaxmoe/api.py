@@ -7,7 +7,8 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from jaxmoe import _batching, _validate, reference, sharding
+from jaxmoe import _batching, _validate, pipeline, reference, sharding
+from jaxmoe.options import Experts, Router, make_experts, make_router
 
 IMPLEMENTATIONS = ("xla", "triton", "interpret")
 
@@ -81,10 +82,12 @@ def _batchable_expert_ffn(impl: str):
     return _batching.batchable(functools.partial(ops.expert_ffn, mode=impl))
 
 
-def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | None = None):
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, b_gate=None, b_up=None, b_down=None,
+               experts: Experts | None = None, implementation: str | None = None):
     """Runs each token through its top-k experts and sums the weighted results.
 
-    y[t] = sum_j weights[t, j] * ((silu(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e]), e = ids[t, j].
+    y[t] = sum_j weights[t, j] * FFN_e(x[t]), e = ids[t, j], FFN_e(v) = (silu(v @ Wg[e]) * (v @ Wu[e])) @ Wd[e]
+    by default; biases, gpt-oss's clamped SwiGLU and the weight on the input as `jaxmoe.Experts` says.
 
     Args:
       x: [T, d] float32, bfloat16 or float16.
@@ -92,30 +95,44 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | N
       ids: [T, k] integer expert ids in [0, E). Under jit, ids outside that range contribute zero.
       w_gate, w_up: [E, d, f] in x's dtype.
       w_down: [E, f, d] in x's dtype.
+      b_gate, b_up: optional [E, f] and b_down [E, d] expert biases in x's dtype (all three or none).
+      experts: a `jaxmoe.Experts`; None is plain SwiGLU with the weight on the output.
       implementation: None (auto: "triton" on a GPU, else "xla"), "xla" (jax.lax), "triton" (fused
         Triton kernels through jax-triton) or "interpret" (the same kernels in Triton's interpreter, CPU).
 
     Returns:
-      y: [T, d] in x's dtype, differentiable with respect to x, weights and the three expert weights.
+      y: [T, d] in x's dtype, differentiable with respect to x, weights, the expert weights and biases.
       "triton" and "interpret" differentiate through Triton backward kernels too.
 
     Under jax.vmap with the expert weights shared by the batch, the batch is folded into tokens (one
     call on B*T tokens); otherwise, and under differentiation, it runs once per element.
     """
-    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
-    return _stages(implementation).expert_ffn(x, weights, ids, w_gate, w_up, w_down)
+    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    return _stages(implementation).expert_ffn(x, weights, ids, w_gate, w_up, w_down, 0, b_gate, b_up, b_down,
+                                              experts=make_experts(experts))
 
 
-def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "softmax",
-        renormalize: bool = True, bias=None, implementation: str | None = None, mesh=None,
-        expert_axis: str | None = None, data_axis=None):
-    """The whole routed MoE layer: router matmul, top-k routing, expert FFN, weighted combine.
+def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, scoring: str = "softmax",
+        renormalize: bool = True, router: Router | None = None, experts: Experts | None = None,
+        router_bias=None, selection_bias=None, b_gate=None, b_up=None, b_down=None, shared_w_gate=None,
+        shared_w_up=None, shared_w_down=None, shared_output_gate=None, implementation: str | None = None,
+        mesh=None, expert_axis: str | None = None, data_axis=None):
+    """The whole MoE layer: router matmul, routing, expert FFN, weighted combine, shared experts.
 
     Args:
       x: [..., d]; leading dims are flattened to tokens and restored.
-      router_weight: [d, E]; logits = x @ router_weight, in float32.
+      router_weight: [d, E]; logits = x @ router_weight (+ router_bias), in float32.
       w_gate, w_up, w_down: expert weights as in `expert_ffn`.
-      top_k, scoring, renormalize, bias: as in `jaxmoe.route`.
+      top_k, scoring, renormalize: shortcuts for router=jaxmoe.Router(top_k, scoring, renormalize).
+      router: a `jaxmoe.Router`: every routing option (groups, renormalisation epsilon, scaling factor).
+      experts: a `jaxmoe.Experts`: the activation and where the routing weight applies.
+      router_bias: optional [E], trained, added to the logits (gpt-oss).
+      selection_bias: optional [E] added to the scores for selection only (DeepSeek-V3's correction bias;
+        `jaxmoe.update_selection_bias` is its aux-loss-free update). It gets no useful gradient.
+      b_gate, b_up, b_down: optional expert biases as in `expert_ffn`.
+      shared_w_gate, shared_w_up: optional [d, fs] and shared_w_down [fs, d]: always-on shared experts, one
+        dense SwiGLU of hidden width fs, added to the routed output unscaled; shared_output_gate [d] gates
+        it per token by sigmoid(x @ shared_output_gate) (Qwen2-MoE).
       implementation: as in `expert_ffn`.
       mesh: a `jax.sharding.Mesh` to run on; None takes the mesh of `jax.set_mesh` when an axis is named.
       expert_axis: the mesh axis the experts are split over (expert parallelism): each of its P devices
@@ -127,12 +144,14 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "s
       (y [..., d] in x's dtype, MoEAux). With a mesh, y is sharded over the token axes on its flattened
       leading dims and the aux losses equal the unsharded ones.
     """
+    router = make_router(router, top_k, scoring, renormalize)
+    experts = make_experts(experts)
+    params = pipeline.MoEParams(router_weight, w_gate, w_up, w_down, router_bias, selection_bias, b_gate, b_up,
+                                b_down, shared_w_gate, shared_w_up, shared_w_down, shared_output_gate)
     stages = _stages(implementation)
     if mesh is None and expert_axis is None and data_axis is None:
-        return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                      renormalize=renormalize, bias=bias, routing_fn=stages.route_with_aux,
-                                      expert_ffn_fn=stages.expert_ffn)
-    return sharding.sharded_moe(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                renormalize=renormalize, bias=bias, routing_fn=stages.route_with_stats,
+        return pipeline.moe_pipeline(x, params, router, experts, routing_fn=stages.route_with_aux,
+                                     expert_ffn_fn=stages.expert_ffn)
+    return sharding.sharded_moe(x, params, router, experts, routing_fn=stages.route_with_stats,
                                 expert_ffn_fn=stages.expert_ffn, mesh=mesh, expert_axis=expert_axis,
                                 data_axis=data_axis)

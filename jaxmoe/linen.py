@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxmoe.layers import Initializer, check_layer_options, moe_layer_apply, param_specs
+from jaxmoe.layers import Initializer, LayerOptions, layer_options, moe_layer_apply, param_specs, selection_bias_spec
+from jaxmoe.options import Experts, Router
+
+# The collection that holds the selection bias (jaxmoe.update_selection_bias moves it; no optimizer does).
+ROUTER_STATE = "router_state"
 
 
 class MoELayer(nn.Module):
@@ -17,7 +21,8 @@ class MoELayer(nn.Module):
     Parameter names, shapes, initializers and logical axis names are those of `jaxmoe.MoELayer`, so
     parameters move between the two unchanged; mesh, expert_axis and data_axis shard it as there
     (with linen, lay the parameters out with ``nn.logical_to_mesh_sharding`` and the same rules). Each
-    call sows "load_balancing_loss",
+    With selection_bias=True the [E] selection bias lives in the "router_state" collection, apart from
+    "params", so an optimizer over params leaves it alone. Each call sows "load_balancing_loss",
     "router_z_loss" and "expert_counts" into the "intermediates" collection when it is mutable:
 
     >>> import jax, jax.numpy as jnp
@@ -34,11 +39,18 @@ class MoELayer(nn.Module):
     d_model: int
     d_ff: int
     num_experts: int
-    top_k: int
+    top_k: int | None = None
     _: dataclasses.KW_ONLY
     scoring: str = "softmax"
     renormalize: bool = True
+    router: Router | None = None
+    experts: Experts | None = None
+    router_bias: bool = False
+    expert_bias: bool = False
+    selection_bias: bool = False
     num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_gate: bool = False
     dtype: jnp.dtype | None = None
     param_dtype: jnp.dtype = jnp.float32
     implementation: str | None = None
@@ -50,22 +62,32 @@ class MoELayer(nn.Module):
     def __post_init__(self):
         # Here rather than in setup(), which flax runs lazily at init or apply: a bad option then fails
         # where the layer is constructed.
-        check_layer_options(d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts, top_k=self.top_k,
-                            scoring=self.scoring, num_shared_experts=self.num_shared_experts, dtype=self.dtype,
-                            param_dtype=self.param_dtype, implementation=self.implementation, mesh=self.mesh,
-                            expert_axis=self.expert_axis, data_axis=self.data_axis)
+        self._options()
         super().__post_init__()
+
+    def _options(self) -> LayerOptions:
+        return layer_options(
+            self.d_model, self.d_ff, self.num_experts, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+            router=self.router, experts=self.experts, router_bias=self.router_bias, expert_bias=self.expert_bias,
+            selection_bias=self.selection_bias, num_shared_experts=self.num_shared_experts,
+            shared_d_ff=self.shared_d_ff, shared_gate=self.shared_gate, dtype=self.dtype,
+            param_dtype=self.param_dtype, implementation=self.implementation, mesh=self.mesh,
+            expert_axis=self.expert_axis, data_axis=self.data_axis)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        specs = param_specs(self.d_model, self.d_ff, self.num_experts, self.num_shared_experts, self.kernel_init)
+        options = self._options()
+        specs = param_specs(options, self.kernel_init)
         params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.logical_axes),
                                    spec.shape, self.param_dtype)
                   for name, spec in specs.items()}
-        y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
-                                 renormalize=self.renormalize, dtype=self.dtype,
-                                 implementation=self.implementation, mesh=self.mesh,
-                                 expert_axis=self.expert_axis, data_axis=self.data_axis)
+        if options.selection_bias:
+            spec = selection_bias_spec(options)
+            params["selection_bias"] = self.variable(ROUTER_STATE, "selection_bias", spec.init,
+                                                     self.make_rng("params") if self.is_initializing() else None,
+                                                     spec.shape, jnp.float32).value
+        y, aux = moe_layer_apply(params, x, options=options, dtype=self.dtype, implementation=self.implementation,
+                                 mesh=self.mesh, expert_axis=self.expert_axis, data_axis=self.data_axis)
         for name, value in aux._asdict().items():
             self.sow("intermediates", name, value)
         return y

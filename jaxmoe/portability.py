@@ -61,7 +61,7 @@ def _record_route(T, E, k, scoring, with_bias) -> list[launch.LaunchRecord]:
     bias = jax.ShapeDtypeStruct((E,), jnp.float32) if with_bias else None
     with launch.recording() as records:  # the kernel with the stats, and with the losses (few programs)
         for route in (ops.route_with_stats, ops.route_with_aux):
-            jax.eval_shape(lambda lg, b: route(lg, k, scoring=scoring, bias=b, mode="record"),
+            jax.eval_shape(lambda lg, b: route(lg, k, scoring=scoring, selection_bias=b, mode="record"),
                            jax.ShapeDtypeStruct((T, E), jnp.float32), bias)
     return records
 

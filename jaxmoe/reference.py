@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import _validate
+from jaxmoe.options import Experts, Router, make_experts, make_router
 from jaxmoe.routing import Routing, expert_probs, route
 
 
@@ -156,12 +157,62 @@ def default_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_eleme
     return _ragged_dot(lhs, rhs, jnp.asarray(group_sizes), precision, jnp.dtype(preferred_element_type or lhs.dtype))
 
 
-def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, *,
-                       ragged_dot: Callable = default_ragged_dot):
+def _row_experts(group_sizes, n_rows: int):
+    """[n_rows] int32: the group of each row (groups hold consecutive rows); rows past the last group get
+    len(group_sizes)."""
+    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n_rows, dtype=group_sizes.dtype),
+                            side="right").astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def expert_rows(b, group_sizes, n_rows: int):
+    """[n_rows, N] float32: row r holds b[e] for the expert e whose group holds r (zero past the last group).
+
+    A gather, so a non-finite bias stays in its own expert's rows; its VJP adds each group's rows with
+    the row-selecting loop of the grouped GEMMs' transposes (a gather's own VJP is a scatter-add, which
+    XLA runs with float atomics on GPU)."""
+    E = b.shape[0]
+    row_experts = _row_experts(group_sizes, n_rows)
+    rows = b.astype(jnp.float32)[jnp.minimum(row_experts, E - 1)]
+    return jnp.where((row_experts < E)[:, None], rows, 0.0)
+
+
+def _expert_rows_fwd(b, group_sizes, n_rows):
+    return expert_rows(b, group_sizes, n_rows), (b, group_sizes)
+
+
+def _expert_rows_bwd(n_rows, residuals, d_rows):
+    b, group_sizes = residuals
+    ones = jnp.ones((n_rows, 1), jnp.float32)
+    db = _masked_drhs(ones, jnp.zeros((b.shape[0], 1, b.shape[1]), jnp.float32), group_sizes, d_rows, None)
+    return db[:, 0, :].astype(b.dtype), None
+
+
+expert_rows.defvjp(_expert_rows_fwd, _expert_rows_bwd)
+
+
+def _clamp_above(a, limit: float):
+    """min(a, limit) whose gradient is 1 up to and at the limit (as torch.clamp's), and NaN stays NaN."""
+    return jnp.where(a > limit, limit, a)
+
+
+def activation(gate, up, experts: Experts):
+    """h from the gate and up pre-activations (float32), as `jaxmoe.Experts` defines it."""
+    if experts.activation == "swiglu":
+        return jax.nn.silu(gate) * up
+    limit = experts.limit
+    g = _clamp_above(gate, limit)
+    u = -_clamp_above(-_clamp_above(up, limit), limit)  # clip(up, -limit, limit)
+    return (u + 1.0) * (g * jax.nn.sigmoid(experts.alpha * g))
+
+
+def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, b_gate=None, b_up=None, b_down=None,
+                       *, experts: Experts = Experts(), ragged_dot: Callable = default_ragged_dot):
     """The expert FFN with a pluggable grouped GEMM (the benchmark swaps in peers' ragged_dot).
 
     The expert weights hold experts [expert_first, expert_first + E) (expert_first: an int or a traced
-    int32 scalar, 0 on one device); assignments to other experts follow `is_local`.
+    int32 scalar, 0 on one device); assignments to other experts follow `is_local`. b_gate, b_up [E, f]
+    and b_down [E, d] are the experts' biases (all or none); `experts` the static options (jaxmoe.Experts).
     """
     T, d = x.shape
     k = ids.shape[1]
@@ -174,22 +225,35 @@ def grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, *,
     perm = jnp.argsort(jnp.where(in_range, local_ids, E), stable=True).astype(jnp.int32)
     inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
     group_sizes = _expert_counts(local_ids, E)
+    w = jnp.where(in_range, weights.reshape(-1).astype(jnp.float32), 0.0)
+    n = T * k
 
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), perm, inverse)
     gate = ragged_dot(x_sorted, w_gate, group_sizes, preferred_element_type=jnp.float32)
     up = ragged_dot(x_sorted, w_up, group_sizes, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(gate) * up).astype(x.dtype)
+    if experts.weight_on == "input":  # (w x) W = w (x W): the weight scales the products, before any bias
+        w_sorted = permute_rows(w[:, None], perm, inverse)
+        gate, up = gate * w_sorted, up * w_sorted
+    if b_gate is not None:
+        gate = gate + expert_rows(b_gate, group_sizes, n)
+        up = up + expert_rows(b_up, group_sizes, n)
+    h = activation(gate, up, experts).astype(x.dtype)
     out_sorted = ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32)
+    if b_down is not None:
+        out_sorted = out_sorted + expert_rows(b_down, group_sizes, n)
 
     rows = permute_rows(out_sorted, inverse, perm)  # back to assignment order t*k + j
     rows = jnp.where(in_range[:, None], rows, 0.0)
-    w = jnp.where(in_range, weights.reshape(-1).astype(jnp.float32), 0.0)
-    y = (rows * w[:, None]).reshape(T, k, d).sum(axis=1)
+    if experts.weight_on == "output":
+        rows = rows * w[:, None]
+    y = rows.reshape(T, k, d).sum(axis=1)
     return y.astype(x.dtype)
 
 
-def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation=None):
-    """y[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]), FFN_e(v) = (silu(v @ Wg[e]) * (v @ Wu[e])) @ Wd[e].
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, b_gate=None, b_up=None, b_down=None,
+               experts: Experts | None = None, implementation=None):
+    """y[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]), FFN_e(v) = (silu(v @ Wg[e]) * (v @ Wu[e])) @ Wd[e]
+    (with biases and `jaxmoe.Experts` options as that class says).
 
     Args:
       x: [T, d] float32, bfloat16 or float16.
@@ -197,16 +261,20 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation=None):
       ids: [T, k] integer expert ids in [0, E).
       w_gate, w_up: [E, d, f], x's dtype.
       w_down: [E, f, d], x's dtype.
+      b_gate, b_up: optional [E, f] biases of the gate and up projections, b_down [E, d] of the down
+        projection, x's dtype (all three or none).
+      experts: a `jaxmoe.Experts` (activation, weight on the output or the input); None: SwiGLU.
       implementation: accepted for signature parity with `jaxmoe.expert_ffn`; must be None or "xla".
 
     Returns:
-      y: [T, d] in x's dtype. Products accumulate in float32; the SwiGLU activation is rounded to x's
-      dtype before the down projection, as the fused kernels do.
+      y: [T, d] in x's dtype. Products accumulate in float32; the activation is rounded to x's dtype
+      before the down projection, as the fused kernels do.
     """
     if implementation not in (None, "xla"):
         raise ValueError(f"jaxmoe.reference.expert_ffn runs only implementation='xla', got {implementation!r}")
-    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
-    return grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down)
+    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    return grouped_expert_ffn(x, weights, ids, w_gate, w_up, w_down, 0, b_gate, b_up, b_down,
+                              experts=make_experts(experts))
 
 
 # jax.lax.RaggedDotDimensionNumbers of the three GEMMs of a grouped GEMM and its VJP, for lhs [M, K] with
@@ -273,10 +341,12 @@ def router_stats(logits: jax.Array, routing: Routing, E: int) -> RouterStats:
                        jnp.int32(routing.ids.shape[0]))
 
 
-def route_with_stats(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
-                     bias=None) -> tuple[Routing, RouterStats]:
-    """`route`, and the RouterStats of its selection (sums over tokens, which add up over shards)."""
-    routing = route(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+def route_with_stats(logits, top_k: int | None = None, *, scoring: str = "softmax", renormalize: bool = True,
+                     selection_bias=None, router: Router | None = None) -> tuple[Routing, RouterStats]:
+    """`route` (the same arguments), and the RouterStats of its selection (sums over tokens, which add up
+    over shards)."""
+    router = make_router(router, top_k, scoring, renormalize)
+    routing = route(logits, router=router, selection_bias=selection_bias)
     return routing, router_stats(logits, routing, logits.shape[-1])
 
 
@@ -294,69 +364,49 @@ def finalize_aux(stats: RouterStats, top_k: int) -> MoEAux:
 def finalized(route_with_stats_fn: Callable) -> Callable:
     """A routing stage with the signature of `route_with_aux`, from one with that of `route_with_stats`."""
 
-    def route_with_aux_fn(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True, bias=None):
-        routing, stats = route_with_stats_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
-        return routing, finalize_aux(stats, top_k)
+    def route_with_aux_fn(logits, top_k=None, *, scoring="softmax", renormalize=True, selection_bias=None,
+                          router=None):
+        router = make_router(router, top_k, scoring, renormalize)
+        routing, stats = route_with_stats_fn(logits, router=router, selection_bias=selection_bias)
+        return routing, finalize_aux(stats, router.top_k)
 
     return route_with_aux_fn
 
 
-def route_with_aux(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True,
-                   bias=None) -> tuple[Routing, MoEAux]:
-    """`route`, and the aux losses of its selection: the routing stage of `moe_pipeline`."""
-    return finalized(route_with_stats)(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+def route_with_aux(logits, top_k: int | None = None, *, scoring: str = "softmax", renormalize: bool = True,
+                   selection_bias=None, router: Router | None = None) -> tuple[Routing, MoEAux]:
+    """`route` (the same arguments), and the aux losses of its selection: the routing stage of
+    `jaxmoe.pipeline.moe_pipeline`."""
+    return finalized(route_with_stats)(logits, top_k, scoring=scoring, renormalize=renormalize,
+                                       selection_bias=selection_bias, router=router)
 
 
 def aux_losses(logits: jax.Array, routing: Routing, E: int) -> MoEAux:
     return finalize_aux(router_stats(logits, routing, E), routing.ids.shape[1])
 
 
-def router_logits(x2d: jax.Array, router_weight: jax.Array) -> jax.Array:
-    """[T, E] float32 logits: the float32 product of x and the router weight.
-
-    When both are bfloat16 (or both float16) they are multiplied as they are with float32
-    accumulation: every product of two 16-bit floats is exact in float32 (and in tf32), so this is the
-    float32 dot of the upcast inputs up to the order of its sum, without a float32 copy of x (on an
-    H200 the upcast dot took 34 us of a Qwen3-sized layer at T = 8192).
-    """
-    if x2d.dtype == router_weight.dtype and jnp.dtype(x2d.dtype).itemsize == 2:
-        return jnp.dot(x2d, router_weight, preferred_element_type=jnp.float32)
-    return jnp.dot(x2d.astype(jnp.float32), router_weight.astype(jnp.float32))
-
-
-def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias, routing_fn: Callable):
-    """x2d [T, d] -> routing_fn(logits, ...): the router matmul and the routing stage.
-
-    routing_fn has the signature of `route_with_aux` (logits [T, E] float32 -> (Routing, MoEAux)) or
-    of `route_with_stats` (-> (Routing, RouterStats)); the Triton stage computes both parts in one kernel.
-    """
-    logits = router_logits(x2d, router_weight)
-    return routing_fn(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias)
+def shared_experts(x2d, shared_w_gate, shared_w_up, shared_w_down, shared_output_gate=None):
+    """[T, d] float32: the always-on shared experts, one dense SwiGLU of hidden width fs (rounded where the
+    routed experts round: after the activation), times sigmoid(x @ shared_output_gate) when given (Qwen2-MoE)."""
+    gate = jnp.dot(x2d, shared_w_gate, preferred_element_type=jnp.float32)
+    up = jnp.dot(x2d, shared_w_up, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(gate) * up).astype(x2d.dtype)
+    out = jnp.dot(h, shared_w_down, preferred_element_type=jnp.float32)
+    if shared_output_gate is not None:
+        score = jnp.dot(x2d.astype(jnp.float32), shared_output_gate.astype(jnp.float32))
+        out = out * jax.nn.sigmoid(score)[:, None]
+    return out
 
 
-def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
-                 routing_fn: Callable, expert_ffn_fn: Callable):
-    """x [..., d] -> (y [..., d], MoEAux), with the routing and expert stages supplied by the caller
-    (routing_fn with the signature of `route_with_aux`)."""
-    d, _ = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, d)
-    routing, aux = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
-                                bias=bias, routing_fn=routing_fn)
-    y = expert_ffn_fn(x2d, routing.weights, routing.ids, w_gate, w_up, w_down)
-    return y.reshape(*lead, d), aux
+def moe(x, router_weight, w_gate, w_up, w_down, **options):
+    """The whole MoE layer in jax.lax; `jaxmoe.moe` with implementation="xla" and the same arguments."""
+    if options.get("implementation") not in (None, "xla"):
+        raise ValueError(f"jaxmoe.reference.moe runs only implementation='xla', got {options['implementation']!r}")
+    from jaxmoe import api  # the public entry point's checks and stages; api imports this module
 
-
-def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", renormalize=True, bias=None,
-        implementation=None):
-    """The whole MoE layer in jax.lax; see `jaxmoe.moe`."""
-    if implementation not in (None, "xla"):
-        raise ValueError(f"jaxmoe.reference.moe runs only implementation='xla', got {implementation!r}")
-    return moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                        renormalize=renormalize, bias=bias, routing_fn=route_with_aux,
-                        expert_ffn_fn=grouped_expert_ffn)
+    return api.moe(x, router_weight, w_gate, w_up, w_down, **{**options, "implementation": "xla"})
 
 
 __all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "RouterStats", "Routing",
-           "expert_ffn", "expert_probs", "finalized", "make_ragged_dot", "moe", "permute_rows", "route",
-           "route_with_aux", "route_with_stats"]
+           "activation", "expert_ffn", "expert_probs", "finalized", "make_ragged_dot", "moe", "permute_rows",
+           "route", "route_with_aux", "route_with_stats", "shared_experts"]

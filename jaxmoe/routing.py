@@ -1,4 +1,7 @@
-"""Routing and top-k in jax.lax: the specification the Triton routing kernel is held against."""
+"""Routing and top-k in jax.lax: the specification the Triton routing kernel is held against.
+
+`jaxmoe.Router` (jaxmoe/options.py) states the math; this is it, written out.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import _validate
+from jaxmoe.options import Router, make_router
 
 
 class Routing(NamedTuple):
@@ -25,12 +29,19 @@ def expert_probs(logits: jax.Array, scoring: str) -> jax.Array:
     return jax.nn.sigmoid(logits)
 
 
-def selected_weights(probs: jax.Array, ids: jax.Array, renormalize: bool) -> jax.Array:
-    """probs at the selected ids, renormalised to sum to one per token when asked."""
+def selected_weights(probs: jax.Array, ids: jax.Array, router: Router) -> jax.Array:
+    """probs at the selected ids, renormalised to sum to one per token when asked, times the scaling factor."""
     weights = jnp.take_along_axis(probs, ids, axis=-1)
-    if renormalize:
-        # max() only guards sigmoid scores that all underflow to 0; for any normal sum it is a no-op.
-        weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    if router.renormalize:
+        total = weights.sum(-1, keepdims=True)
+        if router.renormalize_epsilon:
+            total = total + router.renormalize_epsilon
+        else:
+            # max() only guards sigmoid scores that all underflow to 0; for any normal sum it is a no-op.
+            total = jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+        weights = weights / total
+    if router.scaling_factor != 1.0:
+        weights = weights * router.scaling_factor
     return weights
 
 
@@ -47,22 +58,44 @@ def score_keys(scores: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(scores), jnp.iinfo(jnp.int32).max, keys)
 
 
-def route(logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True, bias=None) -> Routing:
-    """Picks top_k experts per token.
+def group_scores(choice: jax.Array, router: Router) -> jax.Array:
+    """[T, num_groups]: each group's max choice score, or the sum of its two best (a NaN in a group's
+    best ranks first, so it reaches the group's score)."""
+    T, E = choice.shape
+    grouped = choice.reshape(T, router.num_groups, E // router.num_groups)
+    if router.group_score == "max":
+        return grouped.max(-1)
+    _, best = jax.lax.top_k(score_keys(grouped), 2)
+    return jnp.take_along_axis(grouped, best, axis=-1).sum(-1)
+
+
+def kept_groups(choice: jax.Array, router: Router) -> jax.Array:
+    """[T, E] bool: whether each expert's group is among the token's top_groups groups (ties: lower group)."""
+    T, E = choice.shape
+    _, groups = jax.lax.top_k(score_keys(group_scores(choice, router)), router.top_groups)
+    kept = (groups[:, :, None] == jnp.arange(router.num_groups)[None, None, :]).any(1)  # [T, num_groups]
+    return jnp.repeat(kept, E // router.num_groups, axis=1)
+
+
+def route(logits, top_k: int | None = None, *, scoring: str = "softmax", renormalize: bool = True,
+          selection_bias=None, router: Router | None = None) -> Routing:
+    """Picks each token's experts and their weights.
 
     Args:
       logits: [T, E] router logits; the math runs in float32.
-      top_k: experts per token, 1 <= top_k <= E.
-      scoring: "softmax" or "sigmoid", applied to the logits to give probs.
-      renormalize: divide the selected probs by their sum.
-      bias: optional [E] added to probs for selection only (DeepSeek-V3's load-balancing bias);
-        the weights are always probs at the selected ids.
+      top_k, scoring, renormalize: shortcuts for router=jaxmoe.Router(top_k, scoring, renormalize).
+      selection_bias: optional [E] added to the scores for selection only (DeepSeek-V3's
+        e_score_correction_bias); the weights are always the scores at the selected ids.
+      router: a `jaxmoe.Router`: every routing option (groups, renormalisation epsilon, scaling).
 
-    Ties go to the lower expert id; a NaN score ranks above every number (see score_keys).
+    Ties go to the lower expert id (and group id); a NaN score ranks above every number (see score_keys).
     """
-    top_k = _validate.check_route_args(logits, top_k, scoring, bias)
-    probs = expert_probs(logits, scoring)
-    selection_scores = probs if bias is None else probs + bias.astype(jnp.float32)
-    _, ids = jax.lax.top_k(score_keys(selection_scores), top_k)  # lower index first on ties
+    router = make_router(router, top_k, scoring, renormalize)
+    _validate.check_route_args(logits, router, selection_bias)
+    probs = expert_probs(logits, router.scoring)
+    choice = probs if selection_bias is None else probs + selection_bias.astype(jnp.float32)
+    if router.grouped:
+        choice = jnp.where(kept_groups(choice, router), choice, -jnp.inf)
+    _, ids = jax.lax.top_k(score_keys(choice), router.top_k)  # lower index first on ties
     ids = ids.astype(jnp.int32)
-    return Routing(selected_weights(probs, ids, renormalize), ids, probs)
+    return Routing(selected_weights(probs, ids, router), ids, probs)

@@ -1,7 +1,7 @@
 """Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`.
 
 Everything goes through JAX's own sharding (a Mesh, `jax.shard_map`, XLA collectives); the per-device
-work is the single-device pipeline (`reference.route_tokens`, which gives the routing and its
+work is the single-device pipeline (`pipeline.route_tokens`, which gives the routing and its
 RouterStats, and the implementation's expert FFN), so the fused kernels run on every device, forward
 and backward.
 
@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxmoe import _validate, reference
+from jaxmoe import pipeline, reference
 
 
 def normalize_axes(mesh, expert_axis, data_axis) -> tuple[str | None, tuple[str, ...]]:
@@ -110,10 +110,10 @@ def _explicit_reshard(a, mesh, spec: P):
     return jax.sharding.reshard(a, NamedSharding(mesh, P(*(keep(e) for e in spec))))
 
 
-def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
-                routing_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
-    """`reference.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
-    d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
+def sharded_moe(x, params: pipeline.MoEParams, router, experts, *, routing_fn: Callable, expert_ffn_fn: Callable,
+                mesh, expert_axis, data_axis):
+    """`pipeline.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
+    d, E = pipeline.check(x, params, router)
     expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
     if mesh is None:
         mesh = _current_mesh(expert_axis, data_axes)
@@ -123,7 +123,7 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
     P_e = mesh.shape[expert_axis] if expert_axis else 1
     if E % P_e:
         raise ValueError(f"expert_axis={expert_axis!r} has size {P_e}, which does not divide the E={E} experts "
-                         f"(w_gate [E, d, f] = {w_gate.shape}): each device must hold E / {P_e} of them")
+                         f"(w_gate [E, d, f] = {params.w_gate.shape}): each device must hold E / {P_e} of them")
     lead = x.shape[:-1]
     T = math.prod(lead)
     if T % shards:
@@ -133,28 +133,36 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
         raise ValueError(f"T={T} tokens (x {x.shape} flattened to [T, d]) do not split evenly over the {shards} "
                          f"devices of {sizes}")
     if T == 0:  # nothing to distribute
-        return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
-                                      renormalize=renormalize, bias=bias, routing_fn=reference.finalized(routing_fn),
-                                      expert_ffn_fn=expert_ffn_fn)
+        return pipeline.moe_pipeline(x, params, router, experts, routing_fn=reference.finalized(routing_fn),
+                                     expert_ffn_fn=expert_ffn_fn)
 
-    def local(x_l, router_weight, w_gate, w_up, w_down, bias):
-        routing, stats = reference.route_tokens(x_l, router_weight, top_k=top_k, scoring=scoring,
-                                                 renormalize=renormalize, bias=bias, routing_fn=routing_fn)
+    # The routed part runs per device; the shared experts (dense, per token) run on x as it is sharded.
+    routed = params._replace(shared_w_gate=None, shared_w_up=None, shared_w_down=None, shared_output_gate=None)
+
+    def local(x_l, routed):
+        routing, stats = pipeline.route_tokens(x_l, routed, router, routing_fn)
+        ffn_args = (x_l, routing.weights, routing.ids, routed.w_gate, routed.w_up, routed.w_down)
         if expert_axis is None:
-            y = expert_ffn_fn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down)
+            y = expert_ffn_fn(*ffn_args, 0, *routed.expert_biases, experts=experts)
         else:
-            y = _expert_parallel_ffn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down,
-                                     expert_axis=expert_axis, devices=P_e, expert_ffn_fn=expert_ffn_fn)
+            y = _expert_parallel_ffn(*ffn_args, routed.expert_biases, expert_axis=expert_axis, devices=P_e,
+                                     expert_ffn_fn=functools.partial(expert_ffn_fn, experts=experts))
         stats = jax.lax.psum(stats, token_axes)
-        return y, reference.finalize_aux(stats, top_k)
+        return y, reference.finalize_aux(stats, router.top_k)
 
     tokens = P(token_axes, None)
-    experts = P(expert_axis)  # P(None) when only data-parallel: replicated
-    in_specs = (tokens, P(), experts, experts, experts, None if bias is None else P())
+    by_expert = P(expert_axis)  # P(None) when only data-parallel: replicated
+    param_specs = routed._replace(
+        router_weight=P(), w_gate=by_expert, w_up=by_expert, w_down=by_expert,
+        **{name: None if getattr(routed, name) is None else spec
+           for name, spec in (("router_bias", P()), ("selection_bias", P()), ("b_gate", by_expert),
+                              ("b_up", by_expert), ("b_down", by_expert))})
+    in_specs = (tokens, param_specs)
     out_specs = (tokens, reference.MoEAux(P(), P(), P()))
-    args = (x.reshape(T, d), router_weight, w_gate, w_up, w_down, bias)
-    args = [_explicit_reshard(a, mesh, spec) for a, spec in zip(args, in_specs)]
-    y, aux = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+    x2d = _explicit_reshard(x.reshape(T, d), mesh, tokens)
+    routed = type(routed)(*(_explicit_reshard(a, mesh, spec) for a, spec in zip(routed, param_specs)))
+    y, aux = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(x2d, routed)
+    y = pipeline.add_shared(y, x.reshape(T, d), params)
     if len(lead) == 1:
         return y, aux
     # Under Explicit axes a reshape that splits the sharded token dim needs its output sharding named:
@@ -163,7 +171,7 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
     return jnp.reshape(y, (*lead, d), out_sharding=out_sharding), aux
 
 
-def _expert_parallel_ffn(x, weights, ids, w_gate, w_up, w_down, *, expert_axis: str, devices: int,
+def _expert_parallel_ffn(x, weights, ids, w_gate, w_up, w_down, biases, *, expert_axis: str, devices: int,
                          expert_ffn_fn: Callable):
     """Inside shard_map: this device's tokens through the experts of every device of expert_axis."""
     T_l, d = x.shape
@@ -179,7 +187,7 @@ def _expert_parallel_ffn(x, weights, ids, w_gate, w_up, w_down, *, expert_axis: 
     recv_weights = exchange(_replicate(weights, devices).reshape(devices * T_l, k))
     recv_ids = exchange(jnp.broadcast_to(ids, (devices, T_l, k)).reshape(devices * T_l, k))
     expert_first = jax.lax.axis_index(expert_axis).astype(jnp.int32) * w_gate.shape[0]
-    rows = expert_ffn_fn(recv_x, recv_weights, recv_ids, w_gate, w_up, w_down, expert_first)
+    rows = expert_ffn_fn(recv_x, recv_weights, recv_ids, w_gate, w_up, w_down, expert_first, *biases)
     partials = exchange(rows).reshape(devices, T_l, d)  # partials[p]: device p's experts' share of my tokens
     return _ordered_sum(partials).astype(x.dtype)
 

@@ -2,7 +2,7 @@
 
     probs[t]  = softmax(logits[t]) or sigmoid(logits[t])
     ids[t]    = top_k(probs[t] + bias), lower id first on ties, NaN above every number
-    weights[t] = probs[t, ids[t]] / (sum of them, if RENORMALIZE)
+    weights[t] = probs[t, ids[t]] / (sum of them (+ RENORM_EPS), if RENORMALIZE) * SCALE
 
 and, per program, the sums over its tokens that the aux losses need (jaxmoe.reference.RouterStats;
 the caller adds up the programs' partial sums in one fixed order, so the totals are deterministic):
@@ -91,6 +91,8 @@ def topk_routing_kernel(
     BLOCK_K: tl.constexpr,
     SIGMOID: tl.constexpr,
     RENORMALIZE: tl.constexpr,
+    RENORM_EPS: tl.constexpr,  # > 0: weights / (sum + RENORM_EPS) (DeepSeek's 1e-20); 0: guarded by float32 tiny
+    SCALE: tl.constexpr,  # the routed scaling factor, applied after renormalisation
     HAS_BIAS: tl.constexpr,
     FINALIZE: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr,  # with FINALIZE: a power of two, at least the programs
@@ -157,10 +159,15 @@ def topk_routing_kernel(
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
 
     if RENORMALIZE:
-        # float32 tiny guards sigmoid weights that all underflow; a NaN sum stays NaN, as in jnp.maximum
-        total = tl.maximum(tl.sum(picked_weights, axis=1), 1.1754943508222875e-38,
-                           propagate_nan=tl.PropagateNan.ALL)
+        if RENORM_EPS > 0:
+            total = tl.sum(picked_weights, axis=1) + RENORM_EPS
+        else:
+            # float32 tiny guards sigmoid weights that all underflow; a NaN sum stays NaN, as in jnp.maximum
+            total = tl.maximum(tl.sum(picked_weights, axis=1), 1.1754943508222875e-38,
+                               propagate_nan=tl.PropagateNan.ALL)
         picked_weights = picked_weights / total[:, None]
+    if SCALE != 1.0:
+        picked_weights = picked_weights * SCALE
     out_ok = token_ok[:, None] & (slots[None, :] < TOP_K)
     out_offsets = tokens[:, None] * TOP_K + slots[None, :]
     tl.store(ids_ptr + out_offsets, picked_ids, mask=out_ok)

@@ -213,7 +213,7 @@ def test_peer_routing_matches_jaxmoe_route_on_finite_scores():
 
     logits = jax.random.normal(jax.random.key(0), (33, 16)) * 2
     bias = jnp.linspace(-0.1, 0.1, 16)
-    for kwargs in (dict(), dict(scoring="sigmoid", bias=bias), dict(renormalize=False)):
+    for kwargs in (dict(), dict(scoring="sigmoid", selection_bias=bias), dict(renormalize=False)):
         (got, stats), want = lax_route(logits, 4, **kwargs), jaxmoe.route(logits, 4, **kwargs)
         for a, b in zip(stats, jaxmoe.reference.router_stats(logits, got, 16)):  # the peers' aux, in jax.lax
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

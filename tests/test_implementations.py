@@ -289,7 +289,7 @@ def test_moe_grads_match_reference(impl, scoring, renormalize, with_bias):
 
     def loss(moe_fn):
         def inner(x, rw, wg, wu, wd):
-            y, aux = moe_fn(x, rw, wg, wu, wd, top_k=2, scoring=scoring, renormalize=renormalize, bias=bias)
+            y, aux = moe_fn(x, rw, wg, wu, wd, top_k=2, scoring=scoring, renormalize=renormalize, selection_bias=bias)
             return jnp.sum(y * g) + aux.load_balancing_loss + 0.1 * aux.router_z_loss
         return jax.jit(jax.grad(inner, argnums=(0, 1, 2, 3, 4)))
 
@@ -307,8 +307,8 @@ def test_routing_kernel_matches_route(impl, scoring, renormalize, with_bias):
     T, E, k = 45, 12, 3
     logits = jax.random.normal(jax.random.key(3), (T, E)) * 2
     bias = jnp.linspace(-0.2, 0.2, E) if with_bias else None
-    got = ops.route(logits, k, scoring=scoring, renormalize=renormalize, bias=bias, mode=impl)
-    want = jaxmoe.route(logits, k, scoring=scoring, renormalize=renormalize, bias=bias)
+    got = ops.route(logits, k, scoring=scoring, renormalize=renormalize, selection_bias=bias, mode=impl)
+    want = jaxmoe.route(logits, k, scoring=scoring, renormalize=renormalize, selection_bias=bias)
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_allclose(got.weights, want.weights, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.probs, want.probs, rtol=1e-5, atol=1e-7)
@@ -343,8 +343,8 @@ def test_routing_kernel_edge_scores(impl):
     logits = jnp.array([[0.5, 1.5, 2.0, -1.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     bias = jnp.array([0.0, -jnp.inf, -jnp.inf, 0.0, 0.0])
     for scoring in ("softmax", "sigmoid"):
-        got = ops.route(logits, 4, scoring=scoring, bias=bias, mode=impl)
-        want = jaxmoe.route(logits, 4, scoring=scoring, bias=bias)
+        got = ops.route(logits, 4, scoring=scoring, selection_bias=bias, mode=impl)
+        want = jaxmoe.route(logits, 4, scoring=scoring, selection_bias=bias)
         np.testing.assert_array_equal(got.ids, want.ids)  # [0, 3, 4, 1] and [4, 3, 0, 1]
         np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6, atol=1e-7)
     # A NaN score ranks first (in jaxmoe.route too, whatever jax.lax.top_k does with NaN on this backend).
@@ -374,7 +374,7 @@ def test_routing_kernel_stats_match_reference(impl, T, E, k, scoring, with_bias)
     program order) equal jax.lax's over the same routing, and their gradients flow to the logits."""
     logits = jax.random.normal(jax.random.key(T), (T, E)) * 3
     bias = jnp.linspace(-0.2, 0.2, E) if with_bias else None
-    kw = dict(scoring=scoring, bias=bias)
+    kw = dict(scoring=scoring, selection_bias=bias)
     routing, stats = ops.route_with_stats(logits, k, mode=impl, **kw)
     want_routing, want_stats = jaxmoe.reference.route_with_stats(logits, k, **kw)
     np.testing.assert_array_equal(routing.ids, want_routing.ids)
@@ -414,7 +414,7 @@ def test_routing_kernel_aux_matches_reference(impl, T, E, k, scoring, with_bias)
     program of the routing kernel applied them (few programs) or XLA did, and so do their gradients."""
     logits = jax.random.normal(jax.random.key(T + E), (T, E)) * 3
     bias = jnp.linspace(-0.2, 0.2, E) if with_bias else None
-    kw = dict(scoring=scoring, bias=bias)
+    kw = dict(scoring=scoring, selection_bias=bias)
     in_kernel = -(-T // ops.routing._tokens_per_program(E)) <= ops.routing.FINALIZE_MAX_PROGRAMS
     jaxpr = str(jax.make_jaxpr(lambda lg: ops.route_with_aux(lg, k, mode=impl, **kw))(logits))
     assert ("reduce_sum" not in jaxpr) == in_kernel, "the losses come from the kernel exactly when it has few programs"
@@ -548,7 +548,7 @@ def test_training_step_edge_cases(impl):
 
     def step(moe_fn, x, bias):
         def loss(x, rw, wg, wu, wd):
-            y, aux = moe_fn(x, rw, wg, wu, wd, top_k=2, bias=bias)
+            y, aux = moe_fn(x, rw, wg, wu, wd, top_k=2, selection_bias=bias)
             return jnp.sum(jnp.tanh(y)) + aux.load_balancing_loss + aux.router_z_loss
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, router, p.w_gate, p.w_up, p.w_down)
 

@@ -129,7 +129,7 @@ def test_route_bias_changes_selection_only():
     logits = jax.random.normal(jax.random.key(1), (20, 6))
     bias = jnp.array([0.0, 0.0, 10.0, 0.0, 0.0, 0.0])  # forces expert 2 into every selection
     plain = jaxmoe.route(logits, 2, renormalize=False)
-    biased = jaxmoe.route(logits, 2, renormalize=False, bias=bias)
+    biased = jaxmoe.route(logits, 2, renormalize=False, selection_bias=bias)
     assert (biased.ids[:, 0] == 2).all()
     np.testing.assert_array_equal(biased.probs, plain.probs)
     np.testing.assert_allclose(biased.weights, np.take_along_axis(np.asarray(plain.probs), np.asarray(biased.ids), 1))
@@ -216,7 +216,7 @@ def test_expert_ffn_takes_numpy_arrays():
      "router_weight [d, E] = (16, 4), w_gate [E, d, f] = (4, 16, 24)"),
     (dict(top_k=2, x=jnp.ones(())), ValueError, "x must be [..., d], got shape ()"),
     (dict(top_k=2, scoring="relu"), ValueError, "scoring must be 'softmax' or 'sigmoid'"),
-    (dict(top_k=2, bias=jnp.ones(3)), ValueError, "router_weight, w_gate, w_up, w_down have E=4 but bias has E=3"),
+    (dict(top_k=2, selection_bias=jnp.ones(3)), ValueError, "router_weight, w_gate, w_up, w_down have E=4 but selection_bias has E=3"),
     (dict(top_k=2, x=jnp.ones((2, 16), jnp.int32)), TypeError, "x must be float32, bfloat16 or float16"),
     (dict(top_k=2, w_gate=jnp.ones((4, 16, 24), jnp.float16)), TypeError,
      "x, w_up, w_down have dtype float32 but w_gate has dtype float16"),
@@ -235,11 +235,11 @@ def test_moe_bad_input(kwargs, error, needle):
 @pytest.mark.parametrize("route", [jaxmoe.route, functools.partial(ops.route, mode="interpret")],
                          ids=["reference", "interpret"])
 @pytest.mark.parametrize("kwargs, error, needle", [
-    (dict(bias=jnp.ones(3)), ValueError, "logits has E=4 but bias has E=3 (logits [T, E] = (6, 4), bias [E] = (3,))"),
+    (dict(selection_bias=jnp.ones(3)), ValueError, "logits has E=4 but selection_bias has E=3 (logits [T, E] = (6, 4), selection_bias [E] = (3,))"),
     (dict(top_k=5), ValueError, "top_k must satisfy 1 <= top_k <= E, but top_k=5 and logits has E=4"),
     (dict(logits=jnp.ones((2, 3, 4))), ValueError, "logits must be [T, E], got shape (2, 3, 4)"),
     (dict(logits=[[0.0] * 4] * 6), TypeError, "logits must be a jax.Array or numpy.ndarray, got list"),
-    (dict(bias=jnp.ones(4, jnp.int32)), TypeError, "bias must be float32, bfloat16 or float16"),
+    (dict(selection_bias=jnp.ones(4, jnp.int32)), TypeError, "selection_bias must be float32, bfloat16 or float16"),
 ])
 def test_route_bad_input(route, kwargs, error, needle):
     args = dict(logits=jnp.ones((6, 4)), top_k=2) | kwargs

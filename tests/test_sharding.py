@@ -59,7 +59,7 @@ def value_and_grads(args, g, bias=None, *, mesh=None, hlo=None, **moe_options):
     (tokens over the token axes, experts over expert_axis); hlo, a list, gets the compiled HLO text."""
 
     def loss(x, router, w_gate, w_up, w_down, bias):
-        y, aux = jaxmoe.moe(x, router, w_gate, w_up, w_down, top_k=K, bias=bias, mesh=mesh, **moe_options)
+        y, aux = jaxmoe.moe(x, router, w_gate, w_up, w_down, top_k=K, selection_bias=bias, mesh=mesh, **moe_options)
         return jnp.sum(y * g) + aux.load_balancing_loss + 0.1 * aux.router_z_loss, (y, aux)
 
     args = (*args, jnp.zeros(E) if bias is None else bias)

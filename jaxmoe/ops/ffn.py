@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import config as configs
+from jaxmoe.options import Experts
 from jaxmoe.ops._util import F32 as _F32
 from jaxmoe.ops.dispatch import Dispatch, dispatch
 from jaxmoe.ops.gemm import combine, dh_gemm, dot_precision, grouped_gemm, on_rocm, weight_grad
@@ -116,14 +117,17 @@ def _fused_expert_ffn_bwd(options, res: Residuals, d_y):
 _fused_expert_ffn.defvjp(_fused_expert_ffn_fwd, _fused_expert_ffn_bwd)
 
 
-def expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, *, mode: str = "triton",
-               config: configs.MoEConfig | None = None):
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_first=0, b_gate=None, b_up=None, b_down=None, *,
+               experts: Experts = Experts(), mode: str = "triton", config: configs.MoEConfig | None = None):
     """`jaxmoe.expert_ffn` through the Triton kernels, forward and backward (arguments already validated).
 
     The expert weights hold experts [expert_first, expert_first + E) of a larger set (expert_first: an
     int or a traced int32 scalar; 0 on one device). An assignment whose id is outside that range
     belongs to another device: it contributes zero to y and its routing weight gets a zero gradient.
     """
+    if b_gate is not None or not experts.plain:
+        raise NotImplementedError("expert biases, clamped_swiglu and weight_on='input' are not in the Triton "
+                                  "kernels yet; use implementation='xla'")
     T, d = x.shape
     if T == 0:  # nothing to launch; gradients of inputs the result does not touch are zeros
         return jnp.zeros((0, d), x.dtype)

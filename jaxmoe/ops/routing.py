@@ -13,6 +13,7 @@ from jaxmoe import _validate
 from jaxmoe.kernels import routing as routing_kernels
 from jaxmoe.launch import launch
 from jaxmoe.ops._util import F32 as _F32, I32 as _I32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
+from jaxmoe.options import Router, make_router
 from jaxmoe.reference import MoEAux, RouterStats, finalize_aux, router_stats
 from jaxmoe.routing import Routing, expert_probs, selected_weights
 
@@ -25,45 +26,52 @@ FINALIZE_MAX_PROGRAMS = 32
 
 @dataclasses.dataclass(frozen=True)
 class _RouteOptions:
-    top_k: int
-    scoring: str
-    renormalize: bool
+    router: Router
     mode: str
     finalize: bool = False  # the kernel returns MoEAux's losses instead of RouterStats' sums
 
 
-def route(logits, top_k, *, scoring="softmax", renormalize=True, bias=None, mode="triton") -> Routing:
-    """`jaxmoe.route` with the forward in one Triton kernel; the VJP is the jax.lax one."""
-    return route_with_stats(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias, mode=mode)[0]
+def _checked(logits, router: Router, selection_bias) -> Router:
+    _validate.check_route_args(logits, router, selection_bias)
+    if router.grouped:
+        raise NotImplementedError("group-limited routing (Router.top_groups < num_groups) is not in the Triton "
+                                  "routing kernel yet; use implementation='xla'")
+    return router
 
 
-def route_with_stats(logits, top_k, *, scoring="softmax", renormalize=True, bias=None,
+def route(logits, top_k=None, *, scoring="softmax", renormalize=True, selection_bias=None, router=None,
+          mode="triton") -> Routing:
+    """`jaxmoe.route` (the same arguments) with the forward in one Triton kernel; the VJP is the jax.lax one."""
+    return route_with_stats(logits, top_k, scoring=scoring, renormalize=renormalize, selection_bias=selection_bias,
+                            router=router, mode=mode)[0]
+
+
+def route_with_stats(logits, top_k=None, *, scoring="softmax", renormalize=True, selection_bias=None, router=None,
                      mode="triton") -> tuple[Routing, RouterStats]:
     """`jaxmoe.reference.route_with_stats` from the same kernel: the aux losses' sums over tokens come
     from the rows the kernel holds anyway, instead of a dozen small XLA reductions over probs, logits
     and ids (about 14 us of a Qwen3 decode step on an H200)."""
-    top_k = _validate.check_route_args(logits, top_k, scoring, bias)
-    options = _RouteOptions(top_k, scoring, bool(renormalize), mode)
+    router = make_router(router, top_k, scoring, renormalize)
+    options = _RouteOptions(_checked(logits, router, selection_bias), mode)
     logits = logits.astype(_F32)
-    bias = None if bias is None else bias.astype(_F32)
+    bias = None if selection_bias is None else selection_bias.astype(_F32)
     weights, ids, probs, counts, prob_sums, z_squared_sum = _fused_route(logits, bias, options)
     stats = RouterStats(counts, prob_sums, z_squared_sum, jnp.int32(logits.shape[0]))
     return Routing(weights, ids, probs), stats
 
 
-def route_with_aux(logits, top_k, *, scoring="softmax", renormalize=True, bias=None,
+def route_with_aux(logits, top_k=None, *, scoring="softmax", renormalize=True, selection_bias=None, router=None,
                    mode="triton") -> tuple[Routing, MoEAux]:
     """`jaxmoe.reference.route_with_aux` from the same kernel. With few programs (a decode step's) the
     kernel also applies the aux-loss formulas, so no XLA launch follows it; otherwise route_with_stats'
     sums go through `finalize_aux`."""
-    top_k = _validate.check_route_args(logits, top_k, scoring, bias)
+    router = _checked(logits, make_router(router, top_k, scoring, renormalize), selection_bias)
     T, E = logits.shape
     if T == 0 or _cdiv(T, _tokens_per_program(E)) > FINALIZE_MAX_PROGRAMS:
-        routing, stats = route_with_stats(logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias,
-                                          mode=mode)
-        return routing, finalize_aux(stats, top_k)
-    options = _RouteOptions(top_k, scoring, bool(renormalize), mode, finalize=True)
-    bias = None if bias is None else bias.astype(_F32)
+        routing, stats = route_with_stats(logits, router=router, selection_bias=selection_bias, mode=mode)
+        return routing, finalize_aux(stats, router.top_k)
+    options = _RouteOptions(router, mode, finalize=True)
+    bias = None if selection_bias is None else selection_bias.astype(_F32)
     weights, ids, probs, counts, load_balancing, z_loss = _fused_route(logits.astype(_F32), bias, options)
     return Routing(weights, ids, probs), MoEAux(load_balancing, z_loss, counts)
 
@@ -80,7 +88,8 @@ def _route_forward(logits, bias, options: _RouteOptions):
     """(weights, ids, probs, expert_counts, prob_sums, z_squared_sum) of RouterStats' meaning, or with
     options.finalize (weights, ids, probs, expert_counts, load_balancing_loss, router_z_loss) of MoEAux's."""
     T, E = logits.shape
-    k = options.top_k
+    router = options.router
+    k = router.top_k
     if T == 0:
         return (jnp.zeros((0, k), _F32), jnp.zeros((0, k), _I32), jnp.zeros((0, E), _F32), jnp.zeros((E,), _I32),
                 jnp.zeros((E,), _F32), jnp.zeros((), _F32))
@@ -97,7 +106,8 @@ def _route_forward(logits, bias, options: _RouteOptions):
                     _out((E if finalize else 1,), _I32), _out((1,), _F32), _out((1,), _F32)],
         zeroed_outputs=(6,) if finalize else (),
         E=E, TOP_K=k, BLOCK_T=block_t, BLOCK_E=_next_pow2(E), BLOCK_K=_next_pow2(k),
-        SIGMOID=options.scoring == "sigmoid", RENORMALIZE=options.renormalize, HAS_BIAS=bias is not None,
+        SIGMOID=router.scoring == "sigmoid", RENORMALIZE=router.renormalize, RENORM_EPS=router.renormalize_epsilon,
+        SCALE=router.scaling_factor, HAS_BIAS=bias is not None,
         FINALIZE=finalize, MAX_PROGRAMS=_next_pow2(programs) if finalize else 1)  # one compile per bucket of T
     if finalize:
         return weights, ids, probs, expert_counts, load_balancing.reshape(()), z_loss.reshape(())
@@ -124,11 +134,11 @@ def _fused_route_bwd(options, residuals, cotangents):
     d_weights, _, d_probs, _, d_sums_or_losses, d_z = cotangents
 
     def differentiable_outputs(lg):
-        probs = expert_probs(lg, options.scoring)
-        weights = selected_weights(probs, ids, options.renormalize)
+        probs = expert_probs(lg, options.router.scoring)
+        weights = selected_weights(probs, ids, options.router)
         stats = router_stats(lg, Routing(weights, ids, probs), lg.shape[1])
         if options.finalize:
-            aux = finalize_aux(stats, options.top_k)
+            aux = finalize_aux(stats, options.router.top_k)
             return weights, probs, aux.load_balancing_loss, aux.router_z_loss
         return weights, probs, stats.prob_sums, stats.z_squared_sum
 
