@@ -29,7 +29,7 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class SafetensorsFile:
-    """The tensors of one .safetensors file, read on demand: `names`, `shape(name)`, `dtype_name(name)`, `read(name)`."""
+    """The tensors of one .safetensors file, read on demand: names, shape(name), dtype_name(name), read(name)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -72,7 +72,7 @@ class SafetensorsFile:
 
 
 def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write numpy arrays (bfloat16 and float8 as jnp.bfloat16, jnp.float8_*) as a .safetensors file that transformers reads."""
+    """Write numpy arrays (bfloat16 and float8 as jnp.bfloat16, jnp.float8_*) as a .safetensors file."""
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])

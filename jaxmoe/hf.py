@@ -25,9 +25,15 @@ import math
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxmoe import _safetensors
+from jaxmoe import linen as _linen
+from jaxmoe.layers import MoELayer
+from jaxmoe.options import Experts, Router
 
 # --- the families ------------------------------------------------------------------------------------------------
 
@@ -84,7 +90,9 @@ def _moe_layers_of(model_type: str, c: _Config) -> list[int]:
         return list(range(n))
     if model_type in ("qwen2_moe", "qwen3_moe"):
         step, dense = c("decoder_sparse_step"), set(c("mlp_only_layers") or [])
-        return [i for i in range(n) if i not in dense and c.experts("num_experts", "num_local_experts")[0] > 0 and (i + 1) % step == 0]
+        if not c.experts("num_experts", "num_local_experts")[0]:
+            return []
+        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
     if model_type in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
         return list(range(c("first_k_dense_replace") or 0, n))
     if model_type == "llama4_text":
@@ -120,6 +128,20 @@ _DEFAULTS = {
 }
 
 
+# config.json's keys for E (either name of transformers' attribute_map pair; the first is the usual one) and for f
+_SIZE_KEYS = {
+    "mixtral": (("num_local_experts", "num_experts"), "intermediate_size"),
+    "qwen2_moe": (("num_experts", "num_local_experts"), "moe_intermediate_size"),
+    "qwen3_moe": (("num_experts", "num_local_experts"), "moe_intermediate_size"),
+    "olmoe": (("num_experts", "num_local_experts"), "intermediate_size"),
+    "deepseek_v2": (("n_routed_experts", "num_experts"), "moe_intermediate_size"),
+    "deepseek_v3": (("n_routed_experts", "num_local_experts"), "moe_intermediate_size"),
+    "glm4_moe": (("n_routed_experts", "num_local_experts"), "moe_intermediate_size"),
+    "gpt_oss": (("num_local_experts", "num_experts"), "intermediate_size"),
+    "llama4_text": (("num_local_experts", "num_experts"), "intermediate_size"),
+}
+
+
 def plan_layer(config: dict, layer: int, source: str = "config.json") -> LayerPlan:
     """The jaxmoe options and on-disk layout of decoder layer `layer`'s MoE block, from a config.json dict."""
     model_type = config.get("model_type")
@@ -145,24 +167,21 @@ def plan_layer(config: dict, layer: int, source: str = "config.json") -> LayerPl
                          f"hidden_act 'silu')")
 
     d = c("hidden_size")
+    e_keys, f_key = _SIZE_KEYS[model_type]
+    (E, e_key), f = c.experts(*e_keys), c(f_key)
     block, router_name, layout, names = ("mlp",), "gate", "per_expert", ("gate_proj", "up_proj", "down_proj")
     shared_name, shared_d_ff = None, 0
     router: dict[str, Any] = dict(scoring="softmax", renormalize=True)
     experts: dict[str, Any] = {}
     options: dict[str, Any] = {}
     if model_type == "mixtral":
-        (E, e_key), f, f_key = c.experts("num_local_experts", "num_experts"), c("intermediate_size"), "intermediate_size"
         block, names = ("block_sparse_moe", "mlp"), ("w1", "w3", "w2")
     elif model_type in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        f_key = "intermediate_size" if model_type == "olmoe" else "moe_intermediate_size"
-        (E, e_key), f = c.experts("num_experts", "num_local_experts"), c(f_key)
         router["renormalize"] = bool(c("norm_topk_prob"))
         if model_type == "qwen2_moe":
             shared_name, shared_d_ff = "shared_expert", c("shared_expert_intermediate_size")
             options.update(num_shared_experts=1, shared_gate=True)
     elif model_type == "deepseek_v2":
-        (E, e_key), f, f_key = c.experts("n_routed_experts", "num_experts"), c("moe_intermediate_size"), \
-            "moe_intermediate_size"
         method = c("topk_method")
         if method == "group_limited_greedy":
             router.update(num_groups=c("n_group"), top_groups=c("topk_group"), group_score="max")
@@ -174,22 +193,16 @@ def plan_layer(config: dict, layer: int, source: str = "config.json") -> LayerPl
         if c("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true (biased shared experts) is not supported")
     elif model_type in ("deepseek_v3", "glm4_moe"):
-        (E, e_key), f, f_key = c.experts("n_routed_experts", "num_local_experts"), c("moe_intermediate_size"), \
-            "moe_intermediate_size"
         router.update(scoring="sigmoid", renormalize=bool(c("norm_topk_prob")), renormalize_epsilon=1e-20,
                       num_groups=c("n_group"), top_groups=c("topk_group"), group_score="top2_sum",
                       scaling_factor=float(c("routed_scaling_factor")))
         options.update(selection_bias=True)
     elif model_type == "gpt_oss":
-        (E, e_key), f, f_key = c.experts("num_local_experts", "num_experts"), c("intermediate_size"), \
-            "intermediate_size"
         router_name, layout = "router", "interleaved"
         # alpha and limit are constants in transformers' GptOssExperts (the config's swiglu_limit is not read)
         experts.update(activation="clamped_swiglu", alpha=1.702, limit=7.0)
         options.update(router_bias=True, expert_bias=True)
     else:  # llama4_text
-        (E, e_key), f, f_key = c.experts("num_local_experts", "num_experts"), c("intermediate_size"), \
-            "intermediate_size"
         block, router_name, layout = ("feed_forward",), "router", "halves"
         router["renormalize"] = False
         router["scoring"] = "sigmoid"
@@ -463,7 +476,6 @@ _CONFIG_DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.f
 def _param_dtype(ckpt: Checkpoint, dtype) -> np.dtype:
     """`dtype`, or where None the dtype config.json names (transformers writes "dtype", older files "torch_dtype"),
     else float32. Quantised tensors are dequantised to it."""
-    import jax.numpy as jnp
     if dtype is not None:
         return np.dtype(jnp.dtype(dtype))
     for config in (ckpt.config, ckpt.config.get("text_config") or {}):
@@ -488,12 +500,11 @@ def _param_names(plan: LayerPlan) -> list[str]:
 
 
 def _layer_options(plan: LayerPlan, param_dtype, implementation, layer_kwargs: dict) -> dict:
-    import jaxmoe
     clash = {"router", "experts", "param_dtype", "implementation", "rngs"} & set(layer_kwargs)
     clash |= {name for name, _ in plan.options} & set(layer_kwargs)
     if clash:
         raise TypeError(f"{sorted(clash)} are set from config.json or load_layer's own arguments, not layer_kwargs")
-    return dict(router=jaxmoe.Router(**dict(plan.router)), experts=jaxmoe.Experts(**dict(plan.experts)),
+    return dict(router=Router(**dict(plan.router)), experts=Experts(**dict(plan.experts)),
                 **dict(plan.options), param_dtype=param_dtype, implementation=implementation, **layer_kwargs)
 
 
@@ -514,28 +525,27 @@ def load_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | 
       implementation: passed to MoELayer.
       layer_kwargs: more MoELayer arguments (dtype of the computation is `layer_kwargs["dtype"]`, mesh, ...).
     """
-    from flax import nnx
-    import jax.numpy as jnp
-    import jaxmoe
-
     ckpt = Checkpoint(checkpoint_dir)
     plan = plan_layer(ckpt.config, layer, os.path.join(ckpt.directory, "config.json"))
     param_dtype = _param_dtype(ckpt, dtype)
     arrays, _ = read_arrays(ckpt, plan, param_dtype)
     options = _layer_options(plan, jnp.dtype(param_dtype), implementation, layer_kwargs)
     # Built abstractly (no random initialisation of what the checkpoint then overwrites), then filled in.
-    module = nnx.eval_shape(lambda: jaxmoe.MoELayer(plan.d_model, plan.d_ff, plan.num_experts, **options,
+    module = nnx.eval_shape(lambda: MoELayer(plan.d_model, plan.d_ff, plan.num_experts, **options,
                                                     rngs=nnx.Rngs(0)))
-    names = _param_names(plan) + (["selection_bias"] if "selection_bias" in arrays else [])
-    for name in names:
+    names = _param_names(plan)
+    if set(names) != set(module.param_names):
+        raise AssertionError(f"jaxmoe.hf fills {sorted(names)} but MoELayer has {sorted(module.param_names)}")
+    for name in names + (["selection_bias"] if "selection_bias" in arrays else []):
         variable = getattr(module, name)
-        want = variable.get_value()
+        want = variable.get_value()  # a jax.ShapeDtypeStruct until filled
         if tuple(want.shape) != arrays[name].shape:
             raise AssertionError(f"jaxmoe.hf maps {name} to {arrays[name].shape} but MoELayer has {want.shape}")
         variable.set_value(jnp.asarray(arrays[name], want.dtype))
-    for path, variable in nnx.to_flat_state(nnx.state(module)):
-        if not hasattr(variable.get_value(), "__array__") and not isinstance(variable.get_value(), jnp.ndarray):
-            raise AssertionError(f"MoELayer has a variable {'.'.join(map(str, path))} that jaxmoe.hf does not fill")
+    unfilled = [path for path, variable in nnx.to_flat_state(nnx.state(module))
+                if isinstance(variable.get_value(), jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise AssertionError(f"MoELayer has variables {unfilled} that jaxmoe.hf does not fill")
     return module
 
 
@@ -543,14 +553,11 @@ def load_linen_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: 
     """`load_layer` for flax.linen: (a `jaxmoe.linen.MoELayer`, its variables) with
     variables = {"params": {...}} plus {"router_state": {"selection_bias": ...}} where the family has one;
     `module.apply(variables, x)` gives the block's output."""
-    import jax.numpy as jnp
-    import jaxmoe.linen
-
     ckpt = Checkpoint(checkpoint_dir)
     plan = plan_layer(ckpt.config, layer, os.path.join(ckpt.directory, "config.json"))
     param_dtype = _param_dtype(ckpt, dtype)
     arrays, _ = read_arrays(ckpt, plan, param_dtype)
-    module = jaxmoe.linen.MoELayer(plan.d_model, plan.d_ff, plan.num_experts,
+    module = _linen.MoELayer(plan.d_model, plan.d_ff, plan.num_experts,
                                    **_layer_options(plan, jnp.dtype(param_dtype), implementation, layer_kwargs))
     variables = {"params": {name: jnp.asarray(arrays[name]) for name in _param_names(plan)}}
     if "selection_bias" in arrays:

@@ -23,7 +23,8 @@ from conftest import assert_close
 from jaxmoe import _safetensors, hf
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
-FAMILIES = sorted(name for name in os.listdir(FIXTURES) if os.path.isfile(os.path.join(FIXTURES, name, "reference.npz")))
+FAMILIES = sorted(name for name in os.listdir(FIXTURES)
+                  if os.path.isfile(os.path.join(FIXTURES, name, "reference.npz")))
 F32 = jnp.float32
 
 
@@ -31,16 +32,23 @@ def reference(family):
     return dict(np.load(os.path.join(FIXTURES, family, "reference.npz")))
 
 
-def nnx_output_and_input_grad(layer, x, g):
-    graphdef, state = nnx.split(layer)
-    y, vjp = jax.vjp(lambda x: nnx.merge(graphdef, state)(x), jnp.asarray(x))
-    (dx,) = vjp(jnp.asarray(g))
-    return y, dx
+def output_and_input_grad(apply, x, g):
+    """y = apply(x) and d sum(y * g) / dx, in one jit (op by op, the options' XLA path takes 10x longer here)."""
+    @jax.jit
+    def run(x, g):
+        y, vjp = jax.vjp(apply, x)
+        return y, vjp(g)[0]
+
+    return run(jnp.asarray(x), jnp.asarray(g))
 
 
 def check_against(directory, ref, impl):
     layer = hf.load_layer(directory, int(ref["layer"]), implementation=impl)
-    y, dx = nnx_output_and_input_grad(layer, ref["x"], ref["G"])
+    graphdef, state = nnx.split(layer)
+    try:
+        y, dx = output_and_input_grad(lambda x: nnx.merge(graphdef, state)(x), ref["x"], ref["G"])
+    except NotImplementedError as e:  # an option the Triton kernels do not have yet: runs once they do
+        pytest.xfail(str(e))
     assert y.shape == ref["y"].shape and y.dtype == F32
     assert_close(y, ref["y"], F32)
     assert_close(dx, ref["dx"], F32)
@@ -58,11 +66,27 @@ def test_load_layer_matches_transformers(family, impl, highest_precision):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_linen_twin_holds_the_nnx_layers_values(family):
+    ref = reference(family)
+    directory = os.path.join(FIXTURES, family)
+    layer = hf.load_layer(directory, int(ref["layer"]))
+    module, variables = hf.load_linen_layer(directory, int(ref["layer"]))
+    assert set(variables["params"]) == set(layer.param_names)
+    for name, value in variables["params"].items():
+        np.testing.assert_array_equal(value, getattr(layer, name).get_value(), err_msg=name)
+    if "router_state" in variables:
+        np.testing.assert_array_equal(variables["router_state"]["selection_bias"], layer.selection_bias.get_value())
+    else:
+        assert not hasattr(layer, "selection_bias")
+    assert module.router == layer.options.router and module.experts == layer.options.experts
+
+
+# one family per thing the linen module must carry: router_state, biases, the shared gate, weight on the input
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen2_moe", "llama4"])
 def test_linen_twin_matches_transformers(family, highest_precision):
     ref = reference(family)
     module, variables = hf.load_linen_layer(os.path.join(FIXTURES, family), int(ref["layer"]), implementation="xla")
-    y, vjp = jax.vjp(lambda x: module.apply(variables, x), jnp.asarray(ref["x"]))
-    (dx,) = vjp(jnp.asarray(ref["G"]))
+    y, dx = output_and_input_grad(lambda x: module.apply(variables, x), ref["x"], ref["G"])
     assert_close(y, ref["y"], F32)
     assert_close(dx, ref["dx"], F32)
 
@@ -215,8 +239,8 @@ def test_safetensors_round_trip_of_every_dtype_read(tmp_path):
     file = _safetensors.SafetensorsFile(str(tmp_path / "t.safetensors"))
     assert file.names == set(tensors)
     for name, array in tensors.items():
-        np.testing.assert_array_equal(file.read(name), array)
-        assert file.read(name).dtype == array.dtype
+        assert file.read(name).dtype == array.dtype and file.read(name).shape == array.shape, name
+        assert file.read(name).tobytes() == array.tobytes(), name
 
 
 # --- live: against transformers itself ----------------------------------------------------------------------------
