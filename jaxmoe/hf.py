@@ -23,8 +23,9 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
+import flax.core.meta
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -499,16 +500,17 @@ def _param_names(plan: LayerPlan) -> list[str]:
     return names
 
 
-def _layer_options(plan: LayerPlan, param_dtype, implementation, layer_kwargs: dict) -> dict:
-    clash = {"router", "experts", "param_dtype", "implementation", "rngs"} & set(layer_kwargs)
+def _layer_options(plan: LayerPlan, param_dtype, compute_dtype, implementation, layer_kwargs: dict) -> dict:
+    clash = {"router", "experts", "param_dtype", "top_k", "scoring", "renormalize", "rngs"} & set(layer_kwargs)
     clash |= {name for name, _ in plan.options} & set(layer_kwargs)
     if clash:
         raise TypeError(f"{sorted(clash)} are set from config.json or load_layer's own arguments, not layer_kwargs")
-    return dict(router=Router(**dict(plan.router)), experts=Experts(**dict(plan.experts)),
-                **dict(plan.options), param_dtype=param_dtype, implementation=implementation, **layer_kwargs)
+    return dict(router=Router(**dict(plan.router)), experts=Experts(**dict(plan.experts)), **dict(plan.options),
+                param_dtype=param_dtype, dtype=compute_dtype, implementation=implementation, **layer_kwargs)
 
 
-def load_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | None = None, **layer_kwargs):
+def load_layer(checkpoint_dir, layer: int, *, dtype=None, compute_dtype=None, implementation: str | None = None,
+               **layer_kwargs):
     """Decoder layer `layer`'s MoE block of a Hugging Face checkpoint as an nnx `jaxmoe.MoELayer`.
 
     `layer(x)` for x [..., d] gives what the transformers block gives (its first output, in x's shape). The router,
@@ -522,14 +524,15 @@ def load_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | 
       dtype: the parameters' dtype (MoELayer's param_dtype); fp8 and MXFP4 weights are dequantised to it. None: the
         dtype config.json names, else float32. The selection bias (DeepSeek-V3's e_score_correction_bias) stays
         float32.
+      compute_dtype: MoELayer's dtype, the computation's (None: x's).
       implementation: passed to MoELayer.
-      layer_kwargs: more MoELayer arguments (dtype of the computation is `layer_kwargs["dtype"]`, mesh, ...).
+      layer_kwargs: more MoELayer arguments (mesh, expert_axis, data_axis).
     """
     ckpt = Checkpoint(checkpoint_dir)
     plan = plan_layer(ckpt.config, layer, os.path.join(ckpt.directory, "config.json"))
     param_dtype = _param_dtype(ckpt, dtype)
     arrays, _ = read_arrays(ckpt, plan, param_dtype)
-    options = _layer_options(plan, jnp.dtype(param_dtype), implementation, layer_kwargs)
+    options = _layer_options(plan, jnp.dtype(param_dtype), compute_dtype, implementation, layer_kwargs)
     # Built abstractly (no random initialisation of what the checkpoint then overwrites), then filled in.
     module = nnx.eval_shape(lambda: MoELayer(plan.d_model, plan.d_ff, plan.num_experts, **options,
                                                     rngs=nnx.Rngs(0)))
@@ -549,7 +552,8 @@ def load_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | 
     return module
 
 
-def load_linen_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: str | None = None, **layer_kwargs):
+def load_linen_layer(checkpoint_dir, layer: int, *, dtype=None, compute_dtype=None,
+                     implementation: str | None = None, **layer_kwargs):
     """`load_layer` for flax.linen: (a `jaxmoe.linen.MoELayer`, its variables) with
     variables = {"params": {...}} plus {"router_state": {"selection_bias": ...}} where the family has one;
     `module.apply(variables, x)` gives the block's output."""
@@ -557,8 +561,8 @@ def load_linen_layer(checkpoint_dir, layer: int, *, dtype=None, implementation: 
     plan = plan_layer(ckpt.config, layer, os.path.join(ckpt.directory, "config.json"))
     param_dtype = _param_dtype(ckpt, dtype)
     arrays, _ = read_arrays(ckpt, plan, param_dtype)
-    module = _linen.MoELayer(plan.d_model, plan.d_ff, plan.num_experts,
-                                   **_layer_options(plan, jnp.dtype(param_dtype), implementation, layer_kwargs))
+    options = _layer_options(plan, jnp.dtype(param_dtype), compute_dtype, implementation, layer_kwargs)
+    module = _linen.MoELayer(plan.d_model, plan.d_ff, plan.num_experts, **options)
     variables = {"params": {name: jnp.asarray(arrays[name]) for name in _param_names(plan)}}
     if "selection_bias" in arrays:
         variables["router_state"] = {"selection_bias": jnp.asarray(arrays["selection_bias"])}
@@ -577,7 +581,8 @@ def export_layer(layer, checkpoint_dir, layer_index: int, *, dtype=None) -> dict
     ckpt = Checkpoint(checkpoint_dir)
     plan = plan_layer(ckpt.config, layer_index, os.path.join(ckpt.directory, "config.json"))
     prefix = _prefix(plan, ckpt)
-    if isinstance(layer, dict):
+    if isinstance(layer, Mapping):
+        layer = flax.core.meta.unbox(layer)  # variables from linen's init hold boxed (partitioned) params
         values = dict(layer.get("params", {}))
         values.update(layer.get("router_state", {}))
     else:

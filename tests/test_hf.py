@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 
+import flax.core.meta
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,5 +262,22 @@ def _generator():
 def test_live_against_transformers(family, impl, tmp_path, highest_precision):
     """Builds the family's model with the installed transformers, saves it, runs its block in float32 and holds
     load_layer of the saved directory to it (skipped unless torch and transformers import)."""
-    ref = _generator().build(family, str(tmp_path / family))
+    ref = _generator().build(family, str(tmp_path / family), verify_mxfp4=False)
     check_against(tmp_path / family, ref, impl)
+
+
+def test_export_takes_linen_variables_from_init():
+    """Variables that linen's init made (boxed, partitioned params) export like loaded ones."""
+    directory = os.path.join(FIXTURES, "deepseek_v3")
+    module, loaded = hf.load_linen_layer(directory, 1)
+    initialised = module.init(jax.random.key(0), jnp.zeros((1, 32)))
+    exported = hf.export_layer(initialised, directory, 1)
+    assert exported.keys() == hf.export_layer(loaded, directory, 1).keys()
+    np.testing.assert_array_equal(exported["model.layers.1.mlp.gate.weight"],
+                                  np.asarray(flax.core.meta.unbox(initialised)["params"]["router"]).T)
+
+
+def test_compute_dtype_is_the_layers_dtype():
+    layer = hf.load_layer(os.path.join(FIXTURES, "mixtral"), 0, compute_dtype=jnp.bfloat16, implementation="xla")
+    assert layer.w_gate.get_value().dtype == jnp.float32
+    assert layer(jnp.zeros((3, 32))).dtype == jnp.bfloat16
