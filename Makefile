@@ -19,13 +19,32 @@ define install
 	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q $(3) -e ".[$(2)]"
+	$(if $(filter test,$(2)),$(call cuda_plugin,$(1),$(3)))
 	@touch $(1)/.installed-$(2)
 endef
+
+# The test venvs get jaxlib's CUDA plugin without the CUDA libraries (--no-deps: 8 MB, no GPU needed):
+# tests/test_lowering.py lowers the "triton" path for NVIDIA GPUs on the CPU with it. It must be
+# jaxlib's own version, known only once pip has resolved jax, so no extra can name it. Its wheels are
+# Linux-only; elsewhere the test skips, while here `make test` tells it to fail if the plugin is missing.
+ifeq ($(shell uname -s),Linux)
+define cuda_plugin
+$(1)/bin/python -m pip install -q --no-deps $(2) "jax-cuda13-plugin==$$($(1)/bin/python -c 'import jaxlib; print(jaxlib.__version__)')"
+endef
+LOWERING_GATE := JAXMOE_REQUIRE_CUDA_LOWERING=1
+else
+cuda_plugin = @echo "no jax-cuda13-plugin on $(shell uname -s): tests/test_lowering.py skips"
+LOWERING_GATE :=
+endif
 
 $(VENV)/.installed-%: pyproject.toml
 	$(call install,$(VENV),$*,)
 
-$(GPU_VENV)/.installed-test: pyproject.toml $(GPU_IMAGE)
+# The test venvs also depend on this file, which installs the CUDA plugin into them.
+$(VENV)/.installed-test: pyproject.toml Makefile
+	$(call install,$(VENV),test,)
+
+$(GPU_VENV)/.installed-test: pyproject.toml $(GPU_IMAGE) Makefile
 	$(call install,$(GPU_VENV),test,-c $(GPU_IMAGE))
 
 demo: $(VENV)/.installed-test
@@ -35,7 +54,7 @@ test: test-newest test-gpu-image
 
 test-newest: $(VENV)/.installed-test
 	@echo "== the test suite on the newest releases ($(VENV))"
-	$(PY) $(PYTEST)
+	$(LOWERING_GATE) $(PY) $(PYTEST)
 
 # Two cuts keep both suites within CI's time (about 15 minutes on 2 cores), each covered elsewhere:
 # - the portability gate compiles for sm_90 alone here, the GPU machine's target (the newest stack
@@ -46,7 +65,7 @@ test-newest: $(VENV)/.installed-test
 #   kernels); on the GPU, tests/test_gpu.py holds "triton" against it on this very stack.
 test-gpu-image: $(GPU_VENV)/.installed-test
 	@echo "== the test suite on the GPU image's stack ($(GPU_VENV), $(GPU_IMAGE))"
-	$(GPU_VENV)/bin/python $(PYTEST) --skip-impl xla -k "not (test_compiles and (sm_80 or gfx942))"
+	$(LOWERING_GATE) $(GPU_VENV)/bin/python $(PYTEST) --skip-impl xla -k "not (test_compiles and (sm_80 or gfx942))"
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.moe $(BENCH_ARGS)

@@ -16,6 +16,8 @@ batching rule, and a launch's outputs depend only on its inputs, so this is righ
 without knowing what it computes. The launchers' custom VJPs batch by batching their forward and
 backward, which launch through here, so vmap of grad and grad of vmap take the same path. Where a
 batch can be folded into tokens exactly, jaxmoe.api does that first, so most vmaps never get here.
+A launch does not rely on that wrapper to lower: the DCE rule registered at the jax-triton import
+(_register_dce_rule) lets a plain jax-triton call lower on every supported jax (tests/test_lowering.py).
 """
 
 from __future__ import annotations
@@ -52,12 +54,40 @@ def _jax_triton():
         else:
             os.environ["TRITON_CACHE_DIR"] = saved
 
+    _register_dce_rule(jax_triton.triton_lib.triton_kernel_call_p)
+
     # jax-triton 0.3.x names the outputs `out_shape`; 0.4.x renamed it `out_type`.
     params = inspect.signature(jax_triton.triton_call).parameters
     new_api = "out_type" in params
     if not new_api:
         _supply_scratch(jax_triton.triton_lib)
     return jax_triton, "out_type" if new_api else "out_shape", not new_api
+
+
+def _register_dce_rule(kernel_call_p) -> None:
+    """Dead-code elimination of a kernel call that works with every supported jax.
+
+    jax <= 0.11 calls a DCE rule as rule(used_outputs, eqn), jax 0.12 as rule(used_outputs,
+    live_inputs, eqn). jax-triton 0.4.1 registers a rule of the old form, so on jax 0.12 a jitted
+    triton_call outside any wrapper fails to lower ("takes 2 positional arguments but 3 were given");
+    jaxmoe's launches only lowered because sequential_vmap hid them from DCE. jax-triton 0.3.1 has no
+    rule and gets jax's default, which is what this rule does: the call, a pure function of its
+    inputs unless it has effects (Refs) or says it has side effects, is dropped when none of its
+    outputs is used and otherwise kept whole, every input live (one launch writes all its outputs;
+    zeroed and aliased outputs stay as they are). jax-triton 0.4.1's own rule keeps even an unused
+    call. This can go once every supported jax-triton registers a rule in the form its jax calls
+    (tests/test_lowering.py lowers a plain launch on both stacks).
+    """
+
+    def rule(used_outputs, *live_inputs_and_eqn):
+        eqn = live_inputs_and_eqn[-1]
+        if any(used_outputs) or eqn.effects or eqn.params.get("has_side_effect", False):
+            return [True] * len(eqn.invars), eqn
+        return [False] * len(eqn.invars), None
+
+    from jax._src.interpreters import partial_eval  # DCE rules have no public registry
+
+    partial_eval.dce_rules[kernel_call_p] = rule
 
 
 # The kernels a scratch buffer is appended to (by the function behind their JITFunction).
@@ -110,15 +140,8 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
             for slot, array in zip(array_slots, arrays):
                 full_args[slot] = array
             if mode == "triton":
-                jt, out_keyword, supply_scratch = _jax_triton()
-                shapes = list(out_shapes)
-                if scratch_per_program and supply_scratch:
-                    _SCRATCH_KERNELS.add(kernel.fn)
-                    shapes.append(jax.ShapeDtypeStruct((math.prod(grid) * scratch_per_program,), np.int8))
-                outs = jt.triton_call(*full_args, kernel=kernel, grid=grid, num_warps=num_warps,
-                                      num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs),
-                                      **{out_keyword: shapes}, **constexprs)
-                return list(outs)[:len(out_shapes)]
+                return _launch_triton(kernel, full_args, grid, out_shapes, num_warps, num_stages, scratch_per_program,
+                                      tuple(zeroed_outputs), constexprs)
             return _launch_interpreted(kernel, full_args, grid, out_shapes, tuple(zeroed_outputs), constexprs)
 
         return list(run(*[args[i] for i in array_slots]))
@@ -182,6 +205,19 @@ def _triton_type(arg) -> str:
     if isinstance(arg, int):
         return "i32" if -2**31 <= arg < 2**31 else "i64"
     return "*" + _TRITON_TYPES[jax.numpy.dtype(arg.dtype).name]
+
+
+def _launch_triton(kernel, args, grid, out_shapes, num_warps, num_stages, scratch_per_program, zeroed_outputs,
+                   constexprs) -> list[jax.Array]:
+    """One jax-triton call: a "triton" launch without launch()'s batching wrapper."""
+    jt, out_keyword, supply_scratch = _jax_triton()
+    shapes = list(out_shapes)
+    if scratch_per_program and supply_scratch:
+        _SCRATCH_KERNELS.add(kernel.fn)
+        shapes.append(jax.ShapeDtypeStruct((math.prod(grid) * scratch_per_program,), np.int8))
+    outs = jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
+                          zeroed_outputs=tuple(zeroed_outputs), **{out_keyword: shapes}, **constexprs)
+    return list(outs)[:len(out_shapes)]
 
 
 def _launch_interpreted(kernel, args, grid, out_shapes, zeroed_outputs, constexprs):

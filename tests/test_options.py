@@ -160,7 +160,10 @@ EXPERTS = {
     "input": (Experts(weight_on="input"), False),
     "input_clamped_biases": (Experts("clamped_swiglu", limit=0.5, weight_on="input"), True),
 }
-SHAPES = [(37, 40, 24, 5, 2), (1, 16, 24, 6, 6), (9, 16, 8, 1, 1), (0, 16, 24, 4, 2)]
+# Every option at an odd shape; the edge shapes (T = 1 with k = E, E = 1, T = 0) with all options at once.
+ODD_SHAPE = (37, 40, 24, 5, 2)
+CASES = [(name, ODD_SHAPE) for name in EXPERTS] + [
+    ("input_clamped_biases", shape) for shape in ((1, 16, 24, 6, 6), (9, 16, 8, 1, 1), (0, 16, 24, 4, 2))]
 
 
 def make_biases(p: Problem, seed: int = 11):
@@ -207,12 +210,12 @@ def option_grads(fn, p: Problem, args, experts):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", EXPERTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_d{}_f{}_E{}_k{}".format(*s))
+@pytest.mark.parametrize("name, shape", CASES, ids=lambda c: c if isinstance(c, str) else "T{}_d{}_f{}_E{}_k{}".format(*c))
 def test_expert_options_match_reference(impl, name, shape, highest_precision):
-    """Forward and every gradient, odd shapes, k = E, E = 1 and T = 0."""
+    """Forward and every gradient, odd shapes, k = E, E = 1 and T = 0; bfloat16 at the odd shape (not in
+    the interpreter, whose bfloat16 tl.dot is wrong: triton issue 11584)."""
     experts, with_biases = EXPERTS[name]
-    dtypes = [jnp.float32] if impl == "interpret" else [jnp.float32, jnp.bfloat16]
+    dtypes = [jnp.float32] if impl == "interpret" or shape != ODD_SHAPE else [jnp.float32, jnp.bfloat16]
     for dtype in dtypes:
         p = Problem(sum(shape), *shape, dtype=dtype)
         args = option_args(p, with_biases)
