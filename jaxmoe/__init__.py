@@ -7,6 +7,7 @@ from jaxmoe.layers import MoELayer, SelectionBias, update_selection_bias
 from jaxmoe.options import Experts, Router
 from jaxmoe.reference import MoEAux
 from jaxmoe.routing import Routing, route
+from jaxmoe import hf  # after the layers it builds
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "Routing",
     "SelectionBias",
     "expert_ffn",
+    "hf",
     "linen",
     "moe",
     "reference",
