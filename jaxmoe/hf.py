@@ -4,7 +4,7 @@
     tensors = jaxmoe.hf.export_layer(layer, "DeepSeek-V3", 3)   # {on-disk name: numpy array}, the file's layout
 
 The block's math in transformers 5.17, family by family, with the config.json key behind every number, is in
-SEMANTICS.md; `_FAMILIES` below turns a config into jaxmoe's Router / Experts / MoELayer options and says where each
+tests/fixtures/SEMANTICS.md; `_FAMILIES` below turns a config into jaxmoe's Router / Experts / MoELayer options and says where each
 parameter lies on disk. Orientation: transformers stores nn.Linear weights as [out, in] (y = x W^T) and jaxmoe as
 [in, out] (y = x W), so per-expert and shared-expert matrices are transposed on the way in and out; gpt-oss and
 Llama 4 store fused 3D expert tensors already as [E, in, out].
@@ -189,7 +189,7 @@ def plan_layer(config: dict, layer: int, source: str = "config.json") -> LayerPl
         elif method != "greedy":
             raise ValueError(f"{source}: topk_method {method!r} is not one transformers' DeepSeek-V2 runs "
                              f"('greedy', 'group_limited_greedy')")
-        # transformers 5.17 never renormalises DeepSeek-V2's weights and always scales them (SEMANTICS.md)
+        # transformers 5.17 never renormalises DeepSeek-V2's weights and always scales them (tests/fixtures/SEMANTICS.md)
         router.update(renormalize=False, scaling_factor=float(c("routed_scaling_factor")))
         if c("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true (biased shared experts) is not supported")
@@ -514,7 +514,7 @@ def load_layer(checkpoint_dir, layer: int, *, dtype=None, compute_dtype=None, im
     """Decoder layer `layer`'s MoE block of a Hugging Face checkpoint as an nnx `jaxmoe.MoELayer`.
 
     `layer(x)` for x [..., d] gives what the transformers block gives (its first output, in x's shape). The router,
-    expert and shared-expert options come from config.json (SEMANTICS.md says how, family by family); only this
+    expert and shared-expert options come from config.json (tests/fixtures/SEMANTICS.md says how, family by family); only this
     layer's tensors are read.
 
     Args:
