@@ -7,6 +7,7 @@ the shapes it was read from, so a user never has to guess which argument is the 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -129,12 +130,24 @@ def check_ids_in_range(ids, E: int) -> None:
     Under jit the values are unknown without a host sync; every implementation then gives an
     out-of-range assignment zero weight (see README), which is the best defined behaviour left.
     """
-    if isinstance(ids, jax.core.Tracer):
+    if isinstance(ids, jax.core.Tracer) or not math.prod(ids.shape):
         return
-    values = np.asarray(ids)
-    if values.size and (values.min() < 0 or values.max() >= E):
+    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+        # Spread over processes (multi-host): no process can read the whole array, and a check of its own
+        # shards alone would raise on some processes while the others wait in a collective. A global
+        # min and max, replicated, give every process the same answer.
+        lo, hi = (int(v.addressable_data(0)) for v in _global_min_max(ids))
+    else:
+        values = np.asarray(ids)
+        lo, hi = values.min(), values.max()
+    if lo < 0 or hi >= E:
         raise ValueError(f"ids must lie in [0, E={E}) where E is w_gate's, w_up's and w_down's expert count, "
-                         f"got values in [{values.min()}, {values.max()}]")
+                         f"got values in [{lo}, {hi}]")
+
+
+@jax.jit
+def _global_min_max(ids):
+    return jnp.min(ids), jnp.max(ids)
 
 
 def check_route_args(logits, router, selection_bias) -> None:
