@@ -130,7 +130,7 @@ class Cell:
     def saved_activations(self, disp, block_m, gemm):
         fn = jax.jit(lambda x, wg, wu, w, dp: ops.grouped_gemm(
             x, wg, wu, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, gather_a=True, gated=True,
-            scale_rows=False, store_preact=True, precision="ieee", out_dtype=x.dtype, mode=self.mode))
+            scale_rows=False, store_preact=True, precision="ieee", out_dtype=x.dtype, mode=self.mode)[0])
         return fn(self.x, self.w_gate, self.w_up, self.row_weights, disp)
 
     def dh(self, hgu, disp, block_m, gemm):

@@ -196,7 +196,8 @@ def recording():
         del _RECORDS[start:]
 
 
-_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64"}
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64",
+                 "uint8": "u8"}
 
 
 def _triton_type(arg) -> str:

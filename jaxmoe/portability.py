@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import config, launch, ops
-from jaxmoe.options import Router
+from jaxmoe.options import Experts, Router
 
 
 class Target(NamedTuple):
@@ -45,22 +45,53 @@ _ROUTES = [(64, 8, Router(2), False), (64, 128, Router(8, "sigmoid"), True),
            (64, 256, Router(8, "sigmoid", renormalize_epsilon=1e-20, num_groups=8, top_groups=4,
                             group_score="top2_sum", scaling_factor=2.5), True),
            (64, 24, Router(4, num_groups=4, top_groups=2, renormalize=False, scaling_factor=16.0), False)]
+# The expert options switch epilogues only (constexpr flags); these two reach every branch of them:
+# clamped SwiGLU with biases and the weight on the output (the down bias, the <dy, b_down> plane, the
+# clamps' derivatives), and SwiGLU with biases and the weight on the input (gate and up scaled, dX rows
+# and the dW_gate/dW_up operand scaled, the routing weight's gradient through gate and up).
+_OPTIONS = [Experts("clamped_swiglu", weight_on="output"), Experts(weight_on="input")]
+# The targets whose gate compiles the options: the GPU machines' (sm_90) and AMD's. sm_80 compiles the
+# same epilogue code as sm_90 (without TMA) and is left out to keep the gate's time in CI.
+_OPTION_TARGETS = ("sm_90", "gfx942")
 
 
-def _record_ffn(dtype: str, cfg: config.MoEConfig, shape, precision: str, backward: bool
-                ) -> list[launch.LaunchRecord]:
+def _record_ffn(dtype: str, cfg: config.MoEConfig, shape, precision: str, backward: bool,
+                experts: Experts = Experts(), biases: bool = False) -> list[launch.LaunchRecord]:
     T, d, f, E, k = shape
     args = (jax.ShapeDtypeStruct((T, d), dtype), jax.ShapeDtypeStruct((T, k), jnp.float32),
             jax.ShapeDtypeStruct((T, k), jnp.int32), jax.ShapeDtypeStruct((E, d, f), dtype),
             jax.ShapeDtypeStruct((E, d, f), dtype), jax.ShapeDtypeStruct((E, f, d), dtype))
-    ffn = functools.partial(ops.expert_ffn, mode="record", config=cfg)
+    if biases:
+        args += (jax.ShapeDtypeStruct((E, f), dtype), jax.ShapeDtypeStruct((E, f), dtype),
+                 jax.ShapeDtypeStruct((E, d), dtype))
+    ffn = functools.partial(ops.expert_ffn, mode="record", config=cfg, experts=experts)
 
     def forward_and_backward(*a):  # the custom VJP's forward (which keeps residuals) and backward
-        y, vjp = jax.vjp(lambda x, w, wg, wu, wd: ffn(x, w, a[2], wg, wu, wd), *a[:2], *a[3:])
-        return ffn(*a), vjp(y)
+        y, vjp = jax.vjp(lambda x, w, wg, wu, wd, *b: ffn(x, w, a[2], wg, wu, wd, 0, *b), *a[:2], *a[3:])
+        return ffn(a[0], a[1], a[2], a[3], a[4], a[5], 0, *a[6:]), vjp(y)
 
     with launch.recording() as records, jax.default_matmul_precision(precision):
-        jax.eval_shape(forward_and_backward if backward else ffn, *args)
+        jax.eval_shape(forward_and_backward if backward else (lambda *a: ffn(*a[:6], 0, *a[6:])), *args)
+    return records
+
+
+def _record_options(target: str, heuristic, rocm: bool) -> list[launch.LaunchRecord]:
+    """The expert options (_OPTIONS, with biases), forward and backward: clamped SwiGLU at the heuristic's
+    largest bfloat16 tiles and at the ragged float32 shape, the weight on the input at its smallest
+    bfloat16 tiles (the tiles are the plain path's, each compiled in every config above); on NVIDIA,
+    the forward at a table config whose down projection reads through TMA."""
+    clamped, on_input = _OPTIONS
+    records = _record_ffn("bfloat16", heuristic(4096, "bfloat16", 128, 128), _FFN_SHAPES[0], "default",
+                          backward=True, experts=clamped, biases=True)
+    records += _record_ffn("float32", heuristic(64, "float32", 200, 200), _FFN_SHAPES[1], "default",
+                           backward=True, experts=clamped, biases=True)
+    records += _record_ffn("bfloat16", heuristic(1, "bfloat16", 128, 128), _FFN_SHAPES[0], "default",
+                           backward=True, experts=on_input, biases=True)
+    tma = [cfg for dtype, cfg in config.shipped_configs(TARGETS[target].devices, rocm=rocm)
+           if dtype == "bfloat16" and (cfg.gate_up.tma or cfg.down.tma)]
+    if tma and not rocm:
+        records += _record_ffn("bfloat16", tma[0], _FFN_SHAPES[0], "default", backward=False, experts=clamped,
+                               biases=True)
     return records
 
 
@@ -84,7 +115,8 @@ def shipped_launches(target: str = "sm_90") -> list[launch.LaunchRecord]:
     forward's variants that keep residuals) of the heuristic's smallest and largest tiles in bfloat16
     and float32, and at a ragged shape: the table's configs differ from those only in tile sizes,
     float16 only in the element type, and compiling every combination would triple the gate's time
-    in CI."""
+    in CI. The expert options (_OPTIONS, with biases) forward and backward at a few of those, on
+    _OPTION_TARGETS."""
     rocm = TARGETS[target].backend == "hip"
 
     def heuristic(bucket, dtype, d, f):
@@ -100,6 +132,8 @@ def shipped_launches(target: str = "sm_90") -> list[launch.LaunchRecord]:
                                backward=False)
     for dtype in ("bfloat16", "float32"):
         records += _record_ffn(dtype, heuristic(64, dtype, 200, 200), _FFN_SHAPES[1], "default", backward=True)
+    if target in _OPTION_TARGETS:
+        records += _record_options(target, heuristic, rocm)
     for route in _ROUTES:
         records += _record_route(*route)
     records += _record_dispatch(96, 64)  # two chunks, each scatter program counting both (RECOUNT)

@@ -1,18 +1,27 @@
 """Grouped GEMM over dispatched rows: one kernel, switched by flags, for every row-block expert matmul.
 
-    for each row block b (expert e = block_experts[b], sorted rows r of that expert):
-        GATED:      h = silu(A[src(r)] @ B[e]) * (A[src(r)] @ B2[e])     (gate and up fused)
-                    out[r, :N] = h; with STORE_PREACT also out[r, N:2N] = gate, out[r, 2N:3N] = up
+    for each row block b (expert e = block_experts[b], sorted rows r of that expert, routing weight w_r):
+        GATED:      gate = A[src(r)] @ B[e],  up = A[src(r)] @ B2[e]      (one A tile, two accumulators)
+                    (both * w_r if WEIGHT_ON_INPUT: (w x) W = w (x W), the expert's input scaled)
+                    (+ bias[e], + bias2[e] if HAS_BIAS, after the scaling)
+                    out[r, :N] = h = act(gate, up)      (ACTIVATION, ALPHA, LIMIT: see epilogue.py)
+                    with STORE_PREACT also out[r, N:2N] = A @ B[e], out[r, 2N:3N] = A @ B2[e], the
+                    products before the weight and the bias, and for clamped_swiglu
+                    clamps[r, :] = the clamp decisions on gate and up (epilogue.py says why)
         otherwise:  out[s, r, :] = A[src(r), Ks] @ B[e, Ks]  (+ A[src(r), K + Ks] @ B2[e, Ks] if CONCAT_K)
-                    (* row_weights[sorted_assignments[r]] if SCALE_ROWS)
+                    (+ bias[e] if HAS_BIAS, in the first K slice's plane only)
+                    (* w_r if SCALE_ROWS)
                     for each of SPLIT_K slices Ks of the K range (partial sums, added up by the combine)
     src(r) = sorted_assignments[r] // TOP_K if GATHER_A (rows of a token-order A, gathered inside the tile
              load, no permuted copy), else r (A already in sorted order).
 
 B is addressed through its strides, so a transposed weight is just other strides: the backward's
 dX = dGate @ W_gate^T + dUp @ W_up^T runs here with CONCAT_K and B, B2 = W_gate, W_up read transposed.
-STORE_PREACT keeps the gate and up pre-activations beside h for the backward's dSwiGLU (see
-grouped_gemm_bwd.py); the down projection then reads h with row stride 3N.
+STORE_PREACT keeps the gate and up products beside h for the backward's dActivation (see
+grouped_gemm_bwd.py), which rebuilds the pre-activations from them (products without the weight, so
+the routing weight's gradient needs no division by it); the down projection then reads h with row
+stride 3N. With every option off (plain SwiGLU, the weight on the output, no biases) the constexpr
+flags leave exactly the plain kernel.
 
 Tiling: a program computes a BLOCK_M x BLOCK_N tile of one row block, looping over K in BLOCK_K
 steps. With SPLIT_M > 1 each of the dispatch's row blocks is cut into SPLIT_M tiles of BLOCK_M rows,
@@ -43,6 +52,8 @@ Compile-time values are the model's (shapes, strides, tiles, flags); what follow
 
 import triton
 import triton.language as tl
+
+from .epilogue import activation, clamp_decisions, expert_bias
 
 
 @triton.jit
@@ -167,7 +178,9 @@ def grouped_gemm_kernel(
     a_ptr,  # [rows of A, K]: x [T, K] if GATHER_A, else sorted activations [n_assignments, K] (2K if CONCAT_K)
     b_ptr,  # [E, K, N] through its strides
     b2_ptr,  # [E, K, N], read only if GATED or CONCAT_K
-    row_weights_ptr,  # [n_assignments] float32, read only if SCALE_ROWS
+    row_weights_ptr,  # [n_assignments] float32, read only if SCALE_ROWS or WEIGHT_ON_INPUT
+    bias_ptr,  # [E, N] in B's dtype, read only if HAS_BIAS
+    bias2_ptr,  # [E, N], read only if HAS_BIAS and GATED (the up projection's)
     sorted_assignments_ptr,  # [n_assignments] int32
     expert_offsets_ptr,  # [E + 1] int32
     block_experts_ptr,  # [n_blocks] int32
@@ -177,6 +190,7 @@ def grouped_gemm_kernel(
     n_assignments,  # T * TOP_K: the rows of each SPLIT_K output plane
     # outputs
     out_ptr,  # [n_assignments, N] sorted order ([n_assignments, 3N] with STORE_PREACT; [SPLIT_K, ...])
+    clamps_ptr,  # [n_assignments, N] uint8, written only with STORE_PREACT and clamped_swiglu
     # shapes and strides are the model's, so constexpr: the compiler must know they are multiples of 8
     # elements to emit 16-byte vector loads and asynchronous copies (jax-triton passes int scalars
     # without that hint)
@@ -198,6 +212,11 @@ def grouped_gemm_kernel(
     GATED: tl.constexpr,
     STORE_PREACT: tl.constexpr,
     SCALE_ROWS: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,  # GATED only: the row weight scales gate and up before the bias
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # GATED only: "swiglu" or "clamped_swiglu"
+    ALPHA: tl.constexpr,  # clamped_swiglu's sigmoid slope (0.0 for swiglu)
+    LIMIT: tl.constexpr,  # clamped_swiglu's clamp (0.0 for swiglu)
     CONCAT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -274,7 +293,23 @@ def grouped_gemm_kernel(
         if STORE_PREACT:
             tl.store(out_ptrs + N, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
             tl.store(out_ptrs + 2 * N, acc2.to(out_ptr.dtype.element_ty), mask=out_ok)
-        acc = acc * tl.sigmoid(acc) * acc2
+        if WEIGHT_ON_INPUT:
+            w = tl.load(row_weights_ptr + assignments, mask=row_ok, other=0.0)[:, None]
+            acc = acc * w
+            acc2 = acc2 * w
+        if HAS_BIAS:
+            acc += expert_bias(bias_ptr, expert, cols, col_ok, N)
+            acc2 += expert_bias(bias2_ptr, expert, cols, col_ok, N)
+        if STORE_PREACT:
+            if ACTIVATION == "clamped_swiglu":
+                clamps_ptrs = clamps_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+                tl.store(clamps_ptrs, clamp_decisions(acc, acc2, LIMIT), mask=out_ok)
+        acc = activation(acc, acc2, ACTIVATION, ALPHA, LIMIT)
+    elif HAS_BIAS:
+        if SPLIT_K == 1:
+            acc += expert_bias(bias_ptr, expert, cols, col_ok, N)
+        elif tl.program_id(1) == 0:  # the first plane alone carries the bias (the combine adds the planes)
+            acc += expert_bias(bias_ptr, expert, cols, col_ok, N)
     if SCALE_ROWS:
         acc = acc * tl.load(row_weights_ptr + assignments, mask=row_ok, other=0.0)[:, None]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)

@@ -149,7 +149,7 @@ def test_one_rounding_whatever_the_down_config(impl):
     outputs = []
     for cfg in (UNSPLIT, SPLIT_K):
         options = ffn._FFNOptions(impl, cfg, ops.dot_precision(p.dtype, impl))
-        y, disp, hgu = jax.jit(lambda *a: ffn._ffn_forward(*a, jnp.int32(0), options, keep=True))(*p.args)
+        y, disp, (hgu, _) = jax.jit(lambda *a: ffn._ffn_forward(*a, jnp.int32(0), options, keep=True))(*p.args)
         # The exact sum, in float64, of w_a * h_r @ W_down[e] over each token's sorted rows r.
         assignments = np.asarray(disp.sorted_assignments)
         h = np.asarray(hgu[:, :p.f].astype(jnp.float32), np.float64)

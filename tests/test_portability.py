@@ -22,8 +22,19 @@ CASES = [(record, target) for target, records in RECORDS.items() for record in r
 @pytest.mark.parametrize("target", list(portability.TARGETS))
 def test_gate_covers_every_kernel(target):
     names = {r.kernel.__name__ for r in RECORDS[target]}
+    options = {"bias_grad_kernel"} if target in portability._OPTION_TARGETS else set()  # the bias gradients
     assert names == {"topk_routing_kernel", "count_chunks_kernel", "chunk_prefix_kernel", "scatter_kernel",
-                     "grouped_gemm_kernel", "combine_kernel", "dh_kernel", "weight_grad_kernel"}
+                     "grouped_gemm_kernel", "combine_kernel", "dh_kernel", "weight_grad_kernel"} | options
+
+
+@pytest.mark.parametrize("target", portability._OPTION_TARGETS)
+def test_gate_covers_the_expert_options(target):
+    """Every epilogue flag of the options is compiled on, in the forward and the backward kernels."""
+    seen = {(r.kernel.__name__, flag, r.constexprs.get(flag)) for r in RECORDS[target]
+            for flag in ("HAS_BIAS", "WEIGHT_ON_INPUT", "ACTIVATION")}
+    for kernel in ("grouped_gemm_kernel", "dh_kernel"):
+        assert {(kernel, "HAS_BIAS", True), (kernel, "WEIGHT_ON_INPUT", True),
+                (kernel, "ACTIVATION", "clamped_swiglu")} <= seen
 
 
 @pytest.mark.parametrize(("record", "target"), CASES,
@@ -112,7 +123,7 @@ def test_scratch_output_lands_in_the_global_scratch_slot():
     launch._supply_scratch(triton_lib)  # idempotent: wraps once
     fn = grouped_gemm.grouped_gemm_kernel
     n_params = len(fn.arg_names) - len(fn.constexprs)
-    dtypes = ["*bf16"] * 8 + ["i32", "i32", "*bf16"]
+    dtypes = ["*bf16"] * 10 + ["i32", "i32", "*bf16", "*u8"]
     assert len(dtypes) == n_params
 
     kernel, attrs = triton_lib.get_or_create_triton_kernel(None, "cuda", fn, dtypes, ())

@@ -1,4 +1,4 @@
-"""Launchers of the grouped GEMMs (forward, dH, dX, weight gradients) and the combine.
+"""Launchers of the grouped GEMMs (forward, dH, dX, weight gradients), the bias gradients and the combine.
 
 Each one takes its shapes and strides from its operands, picks the grid and passes the config's
 tiles; kernels/grouped_gemm.py and kernels/grouped_gemm_bwd.py say what each kernel computes.
@@ -18,6 +18,7 @@ from jaxmoe.kernels import combine as combine_kernels
 from jaxmoe.kernels import grouped_gemm as gemm_kernels
 from jaxmoe.kernels import grouped_gemm_bwd as bwd_kernels
 from jaxmoe.launch import launch
+from jaxmoe.options import Experts
 from jaxmoe.ops._util import F32 as _F32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
 from jaxmoe.ops.dispatch import Dispatch, dispatch_bucket
 
@@ -38,17 +39,30 @@ def on_rocm(mode: str) -> bool:
     return mode == "triton" and "rocm" in jax.devices()[0].client.platform_version.lower()
 
 
+def activation_constexprs(experts: Experts) -> dict:
+    """The epilogues' ACTIVATION, ALPHA and LIMIT. SwiGLU reads neither ALPHA nor LIMIT: they are 0.0
+    there, so an Experts that differs only in them compiles nothing new."""
+    clamped = experts.activation == "clamped_swiglu"
+    return dict(ACTIVATION=experts.activation, ALPHA=experts.alpha if clamped else 0.0,
+                LIMIT=experts.limit if clamped else 0.0)
+
+
 def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: int, gemm: configs.GemmConfig,
                  gather_a: bool, gated: bool, scale_rows: bool, precision: str, out_dtype, mode: str,
-                 store_preact: bool = False, concat_k: bool = False, transpose_b: bool = False) -> jax.Array:
+                 store_preact: bool = False, concat_k: bool = False, transpose_b: bool = False,
+                 bias=None, bias2=None, experts: Experts = Experts()):
     """epilogue(A[rows] @ B[expert]) in sorted row order; see kernels/grouped_gemm.py.
 
     b, b2: [E, K, N], or [E, N, K] read transposed with transpose_b. A has K columns (2K with
     concat_k: [A1 | A2], multiplied by B and B2 and summed); its row stride is its own width, so A
     may be the h part of a wider [h | gate | up] buffer.
+    bias: [E, N] added to each row of its expert (with gated, bias2 [E, N] to the up projection's).
+    experts: the gated epilogue's activation and weight placement (weight_on="input" scales the gate
+    and up products by the row weight); read only with gated.
 
-    Returns [n, N] in out_dtype ([n, 3N] = [h | gate | up] with store_preact), or [split_k, n, N]
-    float32 partial sums when gemm.split_k > 1.
+    Returns [n, N] in out_dtype, or [split_k, n, N] float32 partial sums when gemm.split_k > 1. With
+    store_preact, (hgu, clamps): hgu [n, 3N] = [h | gate product | up product], and clamps [n, N] uint8
+    the clamp decisions with clamped_swiglu (None otherwise).
     """
     if transpose_b:
         E, N, K = b.shape
@@ -68,17 +82,32 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
     tma = gemm.tma and _tma_fits(a, b, K, N, gemm.block_k, concat_k or transpose_b, mode)
     descriptors = (1 + gated + (not gather_a)) if tma else 0
     out_shape = _out((n, width), out_dtype) if splits == 1 else _out((splits, n, N), _F32)
-    (out,) = launch(
-        gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, disp.sorted_assignments, disp.expert_offsets,
+    if bias2 is not None and not gated:
+        raise ValueError("bias2 belongs to the gated GEMM's up projection")
+    has_bias = bias is not None
+    if gated and has_bias != (bias2 is not None):
+        raise ValueError("the gated GEMM takes both biases or neither")
+    epilogue = activation_constexprs(experts if gated else Experts())
+    weight_on_input = gated and experts.weight_on == "input"
+    clamped = gated and store_preact and experts.activation == "clamped_swiglu"
+    clamps_shape = _out((n, N) if clamped else (1,), jnp.uint8)  # a stub the kernel never writes unless clamped
+    # Without biases, row_weights stands in for their pointers (never read).
+    out, clamps = launch(
+        gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, bias if has_bias else row_weights,
+        bias2 if has_bias and gated else row_weights, disp.sorted_assignments, disp.expert_offsets,
         disp.block_experts, disp.block_rows, n_blocks, n,
-        grid=(n_blocks * gemm.split_m * _cdiv(N, gemm.block_n), splits), mode=mode, out_shapes=[out_shape],
+        grid=(n_blocks * gemm.split_m * _cdiv(N, gemm.block_n), splits), mode=mode,
+        out_shapes=[out_shape, clamps_shape],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages, scratch_per_program=_TMA_DESCRIPTOR_BYTES * descriptors,
         N=N, K=K, TOP_K=top_k, stride_am=a.shape[1], stride_be=K * N, stride_bk=stride_bk, stride_bn=stride_bn,
         stride_om=width, BLOCK_M=block_m // gemm.split_m, SPLIT_M=gemm.split_m, BLOCK_N=gemm.block_n,
         BLOCK_K=gemm.block_k,
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
-        CONCAT_K=concat_k, EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
+        WEIGHT_ON_INPUT=weight_on_input, HAS_BIAS=has_bias, **epilogue, CONCAT_K=concat_k,
+        EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
         DOT_PRECISION=precision, TMA=tma, E=E if tma else 0)  # E only shapes descriptors: no compile per E
+    if store_preact:
+        return out, clamps if clamped else None
     return out
 
 
@@ -99,19 +128,34 @@ def _tma_fits(a, b, K: int, N: int, block_k: int, other_layout: bool, mode: str)
 
 
 def dh_gemm(dy, w_down, hgu, row_weights, disp: Dispatch, *, top_k: int, block_m: int, gemm: configs.GemmConfig,
-            precision: str, mode: str) -> tuple[jax.Array, jax.Array]:
-    """(dgu [n, 2f] = [dgate | dup] in dy's dtype, dw_parts [f tiles, n] float32); see dh_kernel."""
+            precision: str, mode: str, clamps=None, b_gate=None, b_up=None, b_down=None,
+            experts: Experts = Experts()) -> tuple[jax.Array, jax.Array]:
+    """(dgu [n, 2f] = [dgate | dup] in dy's dtype, dw_parts [planes, n] float32); see dh_kernel.
+
+    hgu: the forward's [h | gate product | up product]; clamps its clamp decisions (clamped_swiglu);
+    b_gate, b_up [E, f] and b_down [E, d] the biases (all or none), experts the activation and weight
+    placement. dw_parts holds a plane per f tile, and one more (<dy, b_down>) with biases and the
+    weight on the output.
+    """
     E, f, d = w_down.shape
     n = disp.sorted_assignments.shape[0]
     n_blocks = disp.block_experts.shape[0]
     n_tiles = _cdiv(f, gemm.block_n)
+    has_bias = b_gate is not None
+    weight_on_input = experts.weight_on == "input"
+    planes = n_tiles + (has_bias and not weight_on_input)
+    if (clamps is None) != (experts.activation != "clamped_swiglu"):
+        raise ValueError("clamped_swiglu's backward needs the forward's clamp decisions, and only it")
+    # row_weights stands in for the arrays a variant never reads.
+    biases = (b_gate, b_up, b_down) if has_bias else (row_weights,) * 3
     dgu, dw_parts = launch(
-        bwd_kernels.dh_kernel, dy, w_down, hgu, row_weights, disp.sorted_assignments, disp.expert_offsets,
-        disp.block_experts, disp.block_rows, n_blocks, n,
-        grid=(n_blocks * n_tiles,), mode=mode, out_shapes=[_out((n, 2 * f), dy.dtype), _out((n_tiles, n), _F32)],
+        bwd_kernels.dh_kernel, dy, w_down, hgu, row_weights if clamps is None else clamps, row_weights, *biases,
+        disp.sorted_assignments, disp.expert_offsets, disp.block_experts, disp.block_rows, n_blocks, n,
+        grid=(n_blocks * n_tiles,), mode=mode, out_shapes=[_out((n, 2 * f), dy.dtype), _out((planes, n), _F32)],
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
         N=f, K=d, TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-        EVEN_K=d % gemm.block_k == 0, DOT_PRECISION=precision)
+        EVEN_K=d % gemm.block_k == 0, DOT_PRECISION=precision, HAS_BIAS=has_bias, WEIGHT_ON_INPUT=weight_on_input,
+        **activation_constexprs(experts))
     return dgu, dw_parts
 
 
@@ -135,6 +179,24 @@ def weight_grad(a, b, row_weights, disp: Dispatch, *, E: int, m_out: int, n_out:
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_B=scale_b,
         TWO_OUTPUTS=two_outputs, DOT_PRECISION=precision)
     return outs if two_outputs else outs[:1]
+
+
+# bias_grad's tiles: [BIAS_GRAD_ROWS, BIAS_GRAD_COLS] float32 per step, 32 values a thread at 4 warps.
+# (Not tuned: its reads are the size of one weight-gradient operand, a small part of the backward.)
+BIAS_GRAD_ROWS, BIAS_GRAD_COLS = 32, 128
+
+
+def bias_grad(b, row_weights, disp: Dispatch, *, E: int, top_k: int, gather_b: bool, scale_b: bool, out_dtype,
+              mode: str) -> jax.Array:
+    """[E, N] = per expert, the sum of B's rows over that expert's rows (times the row weight with
+    scale_b; B in token order with gather_b, else sorted); see bias_grad_kernel."""
+    N = b.shape[1]
+    block_n = min(BIAS_GRAD_COLS, max(16, _next_pow2(N)))
+    (out,) = launch(
+        bwd_kernels.bias_grad_kernel, b, row_weights, disp.sorted_assignments, disp.expert_offsets,
+        grid=(E * _cdiv(N, block_n),), mode=mode, out_shapes=[_out((E, N), out_dtype)], num_warps=4, num_stages=2,
+        N=N, TOP_K=top_k, stride_bm=N, BLOCK_R=BIAS_GRAD_ROWS, BLOCK_N=block_n, GATHER_B=gather_b, SCALE_B=scale_b)
+    return out
 
 
 def combine(expert_rows, assignment_rows, T: int, top_k: int, out_dtype, mode: str) -> jax.Array:
