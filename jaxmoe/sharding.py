@@ -96,18 +96,23 @@ def _explicit_axes(mesh) -> set[str]:
     return {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
 
 
-def _explicit_reshard(a, mesh, spec: P):
-    """Under Explicit mesh axes, shard_map needs its inputs already laid out as in_specs say; Auto axes
-    it reshards itself (and jax.sharding.reshard takes Explicit axes only)."""
+def _explicit_spec(mesh, spec: P) -> NamedSharding:
+    """spec with only the mesh's Explicit axes left in it (the Auto ones are XLA's to place)."""
     explicit = _explicit_axes(mesh)
-    if a is None or not explicit:
-        return a
 
     def keep(entry):
         names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in explicit)
         return names or None
 
-    return jax.sharding.reshard(a, NamedSharding(mesh, P(*(keep(e) for e in spec))))
+    return NamedSharding(mesh, P(*(keep(e) for e in spec)))
+
+
+def _explicit_reshard(a, mesh, spec: P):
+    """Under Explicit mesh axes, shard_map needs its inputs already laid out as in_specs say; Auto axes
+    it reshards itself (and jax.sharding.reshard takes Explicit axes only)."""
+    if a is None or not _explicit_axes(mesh):
+        return a
+    return jax.sharding.reshard(a, _explicit_spec(mesh, spec))
 
 
 def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
@@ -152,15 +157,50 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
     experts = P(expert_axis)  # P(None) when only data-parallel: replicated
     in_specs = (tokens, P(), experts, experts, experts, None if bias is None else P())
     out_specs = (tokens, reference.MoEAux(P(), P(), P()))
-    args = (x.reshape(T, d), router_weight, w_gate, w_up, w_down, bias)
+    args = (_flatten_tokens(x, mesh, tokens), router_weight, w_gate, w_up, w_down, bias)
     args = [_explicit_reshard(a, mesh, spec) for a, spec in zip(args, in_specs)]
     y, aux = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
     if len(lead) == 1:
         return y, aux
-    # Under Explicit axes a reshape that splits the sharded token dim needs its output sharding named:
-    # y takes x's. Under Auto axes XLA picks.
-    out_sharding = jax.typeof(x).sharding if _explicit_axes(mesh) else None
-    return jnp.reshape(y, (*lead, d), out_sharding=out_sharding), aux
+    return _unflatten_tokens(y, x, mesh, token_axes), aux
+
+
+def _flatten_tokens(x, mesh, tokens: P):
+    """x [..., d] -> [T, d]. Under Explicit axes a reshape that merges a sharded dim (x split over S of
+    [B, S, d], say) has no sharding of its own: it is named, the token split shard_map takes next."""
+    T, d = math.prod(x.shape[:-1]), x.shape[-1]
+    if not _explicit_axes(mesh):
+        return x.reshape(T, d)
+    return jnp.reshape(x, (T, d), out_sharding=_explicit_spec(mesh, tokens))
+
+
+def _unflatten_tokens(y, x, mesh, token_axes: tuple[str, ...]):
+    """y [T, d], split over the token axes -> [*lead, d] (lead = x's leading dims).
+
+    Under Auto axes XLA picks the layout. Under Explicit axes the reshape must name one, and splitting a
+    sharded dim into dims that do not each divide by its shards has no natural one (T = 64 over 8
+    devices as [4, 16]): y takes x's layout when x is split on the mesh, else the token axes spread, in
+    order, over the leading dims each divides, and what is left stays replicated."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    if not _explicit_axes(mesh):
+        return jnp.reshape(y, (*lead, d))
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.empty or sharding.mesh.axis_names != mesh.axis_names or not any(sharding.spec):
+        explicit = [a for a in token_axes if a in _explicit_axes(mesh)]
+        sharding = NamedSharding(mesh, P(*_spread(lead, explicit, mesh), None))
+    return jnp.reshape(y, (*lead, d), out_sharding=sharding)
+
+
+def _spread(dims, axes: Sequence[str], mesh) -> list[tuple[str, ...] | None]:
+    """A spec entry per dim: the axes, in order, each dim takes while it still divides by their sizes."""
+    left, entries = list(axes), []
+    for size in dims:
+        taken = []
+        while left and size % mesh.shape[left[0]] == 0:
+            size //= mesh.shape[left[0]]
+            taken.append(left.pop(0))
+        entries.append(tuple(taken) or None)
+    return entries
 
 
 def _expert_parallel_ffn(x, weights, ids, w_gate, w_up, w_down, *, expert_axis: str, devices: int,

@@ -5,6 +5,7 @@ Every sharded result (output, aux losses, every gradient) is held against the si
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -182,6 +183,47 @@ def test_axis_types(axis_type):
         assert rel_err(a, b) <= 1e-5, i
     if axis_type == AxisType.Explicit:
         assert jax.typeof(got[1][2]).sharding.spec[0] == "expert"
+
+
+def _batch_of_4():
+    """x [4, 16, d]: 64 tokens split 8 ways, but B = 4 is not a multiple of the 8 token shards."""
+    (x, router, w_gate, w_up, w_down), _ = problem()
+    return x.reshape(4, 16, D), router, w_gate, w_up, w_down
+
+
+# Each of eager/jit and mesh=/set_mesh once with x unplaced and once with x split over S.
+@pytest.mark.parametrize("how, placement", [("eager, mesh=", None), ("jit, set_mesh", None),
+                                            ("jit, mesh=", P(None, ("data", "expert"))),
+                                            ("eager, set_mesh", P(None, ("data", "expert")))])
+def test_explicit_axes_3d_batch(how, placement):
+    """On Explicit axes (jax.make_mesh's default), x [B, S, d] with B not a multiple of the token shards,
+    not placed on the mesh or split over S: the output equals one device's, in a layout over the mesh."""
+    x, *weights = _batch_of_4()
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    if placement is not None:
+        x = jax.device_put(x, NamedSharding(mesh, placement))
+    in_context = "set_mesh" in how
+    run = functools.partial(jaxmoe.moe, top_k=K, implementation="xla", expert_axis="expert", data_axis="data",
+                            mesh=None if in_context else mesh)
+    run = jax.jit(run) if how.startswith("jit") else run
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+        y, aux = run(x, *weights)
+    y_ref, aux_ref = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla"))(*_batch_of_4())
+    assert y.shape == (4, 16, D) and y.sharding.mesh.shape == mesh.shape
+    assert_close(y, y_ref, jnp.float32)
+    np.testing.assert_array_equal(aux.expert_counts, aux_ref.expert_counts)
+
+
+def test_explicit_axes_linen_init_3d_batch():
+    """linen init and apply of a sharded layer on Explicit axes, with x [4, 16, d] not placed (under jit:
+    eagerly they take the path of test_explicit_axes_3d_batch's eager cases)."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    x = _batch_of_4()[0]
+    layer = jaxmoe.linen.MoELayer(D, F, E, K, implementation="xla")
+    sharded = jaxmoe.linen.MoELayer(D, F, E, K, implementation="xla", mesh=mesh, expert_axis="expert",
+                                    data_axis="data")
+    variables = jax.jit(sharded.init)(jax.random.key(0), x)
+    assert_close(jax.jit(sharded.apply)(variables, x), jax.jit(layer.apply)(variables, x), jnp.float32)
 
 
 RULES = (("expert", "expert"), ("embed", None), ("mlp", None))
