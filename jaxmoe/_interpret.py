@@ -171,6 +171,10 @@ def run_interpreted(kernel, grid, args, out_shapes, zeroed_outputs, constexprs) 
     outputs = [HostTensor(np.zeros(s.shape, s.dtype) if i in zeroed_outputs else poison_like(s.shape, s.dtype))
                for i, s in enumerate(out_shapes)]
     fn = getattr(kernel, "fn", kernel)
-    with _LOCK, _interpreter_language():
+    # The interpreter runs the kernels' float math in numpy, which warns where a GPU just computes:
+    # log(0) = -inf of a masked-off row, Inf - Inf = NaN of a non-finite input. Those values are the
+    # kernels' semantics, so numpy's floating-point warnings are off for the launch (errstate is
+    # per-thread: nothing else in the process changes).
+    with _LOCK, _interpreter_language(), np.errstate(all="ignore"):
         InterpretedFunction(fn)[grid](*wrapped, *outputs, **constexprs)
     return [o.array for o in outputs]
