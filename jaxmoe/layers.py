@@ -22,6 +22,15 @@ Initializer = Callable[..., jax.Array]
 _SOW_OPTIONS = {"capture_noop": True} if "capture_noop" in inspect.signature(nnx.Module.sow).parameters else {}
 
 
+def _sow_in_capture(module: nnx.Module, name: str, value) -> None:
+    """module.sow(nnx.Intermediate, name, value) inside nnx.capture, nothing outside it, on every flax.
+
+    flax 0.12.10 has no capture_noop; there nnx.capture marks the modules it records by giving each a
+    `__captures__` attribute for the call (what its sow looks for, and what flax >= 0.12.11 tests too)."""
+    if _SOW_OPTIONS or hasattr(module, "__captures__"):
+        module.sow(nnx.Intermediate, name, value, **_SOW_OPTIONS)
+
+
 def default_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
     """Truncated normal with variance 1 / fan-in, the fan-in being the second-to-last axis.
 
@@ -162,9 +171,7 @@ class MoELayer(nnx.Module):
     Each call sows its router statistics as ``nnx.Intermediate`` values named "load_balancing_loss",
     "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`). Read them with ``nnx.capture``, which
     returns them beside the output, each as a tuple with one entry per call. Outside ``nnx.capture``
-    nothing is recorded with flax >= 0.12.11; older flax appends them to module attributes on every
-    call, which makes ``nnx.jit`` retrace, so there run the layer under ``nnx.capture`` or take them
-    off with ``nnx.pop(model, nnx.Intermediate)`` after each call.
+    nothing is recorded (so a plain ``nnx.jit`` loop traces once).
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -230,5 +237,5 @@ class MoELayer(nnx.Module):
                                  implementation=self.implementation, mesh=self.mesh,
                                  expert_axis=self.expert_axis, data_axis=self.data_axis)
         for name, value in aux._asdict().items():
-            self.sow(nnx.Intermediate, name, value, **_SOW_OPTIONS)
+            _sow_in_capture(self, name, value)
         return y
