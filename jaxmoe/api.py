@@ -40,8 +40,9 @@ def resolve_implementation(implementation: str | None) -> str:
     if implementation is None:
         return "triton" if _triton_gpu_available() else "xla"
     if implementation == "triton" and not _triton_gpu_available():
-        raise ValueError("implementation='triton' needs a GPU backend and jax-triton; "
-                         "use 'interpret' to run the same kernels on CPU, or 'xla'")
+        raise ValueError("implementation='triton' needs a GPU backend and jax-triton; use 'interpret' to run "
+                         "the same kernels on a CPU (it needs triton, from the gpu extra: pip install "
+                         "'jaxmoe[gpu]', or '.[gpu]' in a clone), or 'xla'")
     return implementation
 
 
@@ -60,8 +61,9 @@ def _stages(implementation: str | None) -> Stages:
     try:
         from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
     except ImportError as err:
-        raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton "
-                          f"(pip install 'jaxmoe[gpu]'); implementation='xla' needs neither") from err
+        raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton, from the gpu extra "
+                          f"(pip install 'jaxmoe[gpu]', or '.[gpu]' in a clone); implementation='xla' needs "
+                          f"neither") from err
 
     return Stages(functools.partial(ops.route_with_stats, mode=impl), functools.partial(ops.route_with_aux, mode=impl),
                   _batchable_expert_ffn(impl))
@@ -81,7 +83,8 @@ def _batchable_expert_ffn(impl: str):
     return _batching.batchable(functools.partial(ops.expert_ffn, mode=impl))
 
 
-def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | None = None):
+def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | None = None, mesh=None,
+               expert_axis: str | None = None, data_axis=None):
     """Runs each token through its top-k experts and sums the weighted results.
 
     y[t] = sum_j weights[t, j] * ((silu(x[t] @ w_gate[e]) * (x[t] @ w_up[e])) @ w_down[e]), e = ids[t, j].
@@ -94,16 +97,24 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | N
       w_down: [E, f, d] in x's dtype.
       implementation: None (auto: "triton" on a GPU, else "xla"), "xla" (jax.lax), "triton" (fused
         Triton kernels through jax-triton) or "interpret" (the same kernels in Triton's interpreter, CPU).
+      mesh, expert_axis, data_axis: as in `moe`: x, weights and ids are split over data_axis and
+        expert_axis together, the expert weights over expert_axis, and each token's rows, ids and
+        weights go to the devices of expert_axis with an all_to_all.
 
     Returns:
       y: [T, d] in x's dtype, differentiable with respect to x, weights and the three expert weights.
-      "triton" and "interpret" differentiate through Triton backward kernels too.
+      "triton" and "interpret" differentiate through Triton backward kernels too. With a mesh, y is
+      split over the token axes.
 
     Under jax.vmap with the expert weights shared by the batch, the batch is folded into tokens (one
     call on B*T tokens); otherwise, and under differentiation, it runs once per element.
     """
     _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
-    return _stages(implementation).expert_ffn(x, weights, ids, w_gate, w_up, w_down)
+    expert_ffn_fn = _stages(implementation).expert_ffn
+    if mesh is None and expert_axis is None and data_axis is None:
+        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down)
+    return sharding.sharded_expert_ffn(x, weights, ids, w_gate, w_up, w_down, expert_ffn_fn=expert_ffn_fn,
+                                       mesh=mesh, expert_axis=expert_axis, data_axis=data_axis)
 
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "softmax",

@@ -1,4 +1,5 @@
-"""Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`.
+"""Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`, and
+`jaxmoe.expert_ffn` with the same options for routing done by the caller (steps 2 to 4 below).
 
 Everything goes through JAX's own sharding (a Mesh, `jax.shard_map`, XLA collectives); the per-device
 work is the single-device pipeline (`reference.route_tokens`, which gives the routing and its
@@ -118,25 +119,10 @@ def _explicit_reshard(a, mesh, spec: P):
 def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
                 routing_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
     """`reference.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
-    d, E = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
-    expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
-    if mesh is None:
-        mesh = _current_mesh(expert_axis, data_axes)
-        normalize_axes(mesh, expert_axis, data_axis)
-    token_axes = (*data_axes, *([expert_axis] if expert_axis else []))
-    shards = math.prod(mesh.shape[a] for a in token_axes)
-    P_e = mesh.shape[expert_axis] if expert_axis else 1
-    if E % P_e:
-        raise ValueError(f"expert_axis={expert_axis!r} has size {P_e}, which does not divide the E={E} experts "
-                         f"(w_gate [E, d, f] = {w_gate.shape}): each device must hold E / {P_e} of them")
+    _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
+    mesh, expert_axis, token_axes, P_e = _plan(x, w_gate, mesh, expert_axis, data_axis)
     lead = x.shape[:-1]
     T = math.prod(lead)
-    if T % shards:
-        sizes = " and ".join(f"{name}={a!r} (size {mesh.shape[a]})"
-                             for name, a in [("data_axis", a) for a in data_axes] + [("expert_axis", expert_axis)]
-                             if a)
-        raise ValueError(f"T={T} tokens (x {x.shape} flattened to [T, d]) do not split evenly over the {shards} "
-                         f"devices of {sizes}")
     if T == 0:  # nothing to distribute
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
                                       renormalize=renormalize, bias=bias, routing_fn=reference.finalized(routing_fn),
@@ -163,6 +149,51 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
     if len(lead) == 1:
         return y, aux
     return _unflatten_tokens(y, x, mesh, token_axes), aux
+
+
+def _plan(x, w_gate, mesh, expert_axis, data_axis):
+    """(mesh, expert_axis, token_axes, P_e): the mesh (mesh= or jax.set_mesh's) and the axes, after
+    checking that E divides over expert_axis and x's T tokens over the token axes."""
+    expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
+    if mesh is None:
+        mesh = _current_mesh(expert_axis, data_axes)
+        normalize_axes(mesh, expert_axis, data_axis)
+    token_axes = (*data_axes, *([expert_axis] if expert_axis else []))
+    shards = math.prod(mesh.shape[a] for a in token_axes)
+    P_e = mesh.shape[expert_axis] if expert_axis else 1
+    E = w_gate.shape[0]
+    if E % P_e:
+        raise ValueError(f"expert_axis={expert_axis!r} has size {P_e}, which does not divide the E={E} experts "
+                         f"(w_gate [E, d, f] = {w_gate.shape}): each device must hold E / {P_e} of them")
+    T = math.prod(x.shape[:-1])
+    if T % shards:
+        sizes = " and ".join(f"{name}={a!r} (size {mesh.shape[a]})"
+                             for name, a in [("data_axis", a) for a in data_axes] + [("expert_axis", expert_axis)]
+                             if a)
+        raise ValueError(f"T={T} tokens (x {x.shape} flattened to [T, d]) do not split evenly over the {shards} "
+                         f"devices of {sizes}")
+    return mesh, expert_axis, token_axes, P_e
+
+
+def sharded_expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, expert_ffn_fn: Callable, mesh, expert_axis,
+                       data_axis):
+    """`expert_ffn` over a mesh, for routing done by the caller: x [T, d], weights and ids [T, k] split
+    over the token axes, the expert weights over expert_axis; steps 2 to 4 of the module docstring."""
+    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down)
+    mesh, expert_axis, token_axes, P_e = _plan(x, w_gate, mesh, expert_axis, data_axis)
+    if x.shape[0] == 0:  # nothing to distribute
+        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down)
+
+    def local(x_l, weights_l, ids_l, w_gate, w_up, w_down):
+        if expert_axis is None:
+            return expert_ffn_fn(x_l, weights_l, ids_l, w_gate, w_up, w_down)
+        return _expert_parallel_ffn(x_l, weights_l, ids_l, w_gate, w_up, w_down, expert_axis=expert_axis,
+                                    devices=P_e, expert_ffn_fn=expert_ffn_fn)
+
+    tokens, experts = P(token_axes, None), P(expert_axis)
+    in_specs = (tokens, tokens, tokens, experts, experts, experts)
+    args = [_explicit_reshard(a, mesh, spec) for a, spec in zip((x, weights, ids, w_gate, w_up, w_down), in_specs)]
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens, check_vma=False)(*args)
 
 
 def _flatten_tokens(x, mesh, tokens: P):

@@ -158,6 +158,52 @@ def test_local_expert_range(impl):
     assert (np.asarray(got[1])[~np.asarray(local)] == 0).all()
 
 
+@functools.cache
+def _custom_routing():
+    """Routing done outside jaxmoe.moe, as `route` + `expert_ffn` users do: (weights, ids)."""
+    (x, router, *_), _ = problem()
+    routing = jaxmoe.route(x @ router, K, scoring="sigmoid")
+    return routing.weights, routing.ids
+
+
+def _expert_ffn_value_and_grads(impl, x, weights, w_gate, w_up, w_down, **options):
+    _, g = problem()
+    ids = _custom_routing()[1]
+
+    def loss(x, weights, w_gate, w_up, w_down):
+        y = jaxmoe.expert_ffn(x, weights, ids, w_gate, w_up, w_down, implementation=impl, **options)
+        return jnp.sum(y * g), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(x, weights, w_gate, w_up, w_down)
+
+
+@pytest.mark.parametrize("impl, dp, ep, axis_type", [("xla", 2, 4, AxisType.Auto), ("xla", 1, 8, AxisType.Explicit),
+                                                     ("xla", 4, 1, AxisType.Explicit),
+                                                     ("interpret", 1, 2, AxisType.Auto)])
+def test_expert_ffn_matches_one_device(impl, dp, ep, axis_type):
+    """`expert_ffn` with mesh, expert_axis and data_axis, after the caller's own routing: y and the
+    gradients in x, the routing weights and the expert weights equal one device's. Auto axes get mesh=
+    and inputs laid out as expert_ffn splits them; Explicit ones jax.set_mesh and inputs not placed."""
+    (x, _, w_gate, w_up, w_down), _ = problem()
+    weights = _custom_routing()[0]
+    (_, y_ref), want = _expert_ffn_value_and_grads("xla", x, weights, w_gate, w_up, w_down)
+    mesh = make_mesh(dp, ep, axis_type)
+    args = (x, weights, w_gate, w_up, w_down)
+    options = axes(dp, ep)
+    if axis_type == AxisType.Auto:
+        tokens, experts = NamedSharding(mesh, P(("data", "expert"))), NamedSharding(mesh, P(options["expert_axis"]))
+        args = jax.device_put(args, (tokens, tokens, experts, experts, experts))
+        (_, y), got = _expert_ffn_value_and_grads(impl, *args, mesh=mesh, **options)
+    else:
+        with jax.set_mesh(mesh):
+            (_, y), got = _expert_ffn_value_and_grads(impl, *args, **options)
+    assert_close(y, y_ref, jnp.float32)
+    for name, a, b in zip(("x", "weights", "w_gate", "w_up", "w_down"), got, want):
+        assert rel_err(a, b) <= 1e-5, f"d{name}: {rel_err(a, b):.3g}"
+    if ep > 1:
+        assert got[2].sharding.spec[0] == "expert"
+
+
 def _axis_types_loss(x, router, w_gate, w_up, w_down, **options):
     y, aux = jaxmoe.moe(x, router, w_gate, w_up, w_down, top_k=K, implementation="xla", **options)
     return jnp.sum(y * y) + aux.load_balancing_loss + 0.1 * aux.router_z_loss  # no cancellation in the sum
