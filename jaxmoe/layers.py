@@ -97,8 +97,10 @@ def check_layer_options(*, d_model, d_ff, num_experts, top_k, scoring, num_share
     dtype_name, param_dtype_name = _dtype_name(dtype), _dtype_name(param_dtype)
     if dtype is not None and dtype_name not in {dt.name for dt in _validate.FLOAT_DTYPES}:
         raise ValueError(f"dtype must be None or {_validate.FLOAT_DTYPE_NAMES}, got {dtype_name or repr(dtype)}")
-    if param_dtype_name is None or not jnp.issubdtype(param_dtype, jnp.floating):
-        raise ValueError(f"param_dtype must be a float dtype, got {param_dtype_name or repr(param_dtype)}")
+    # Every parameter reaches `moe` in param_dtype (the router as it is), which takes these three only.
+    if param_dtype_name not in {dt.name for dt in _validate.FLOAT_DTYPES}:
+        raise ValueError(f"param_dtype must be {_validate.FLOAT_DTYPE_NAMES}, "
+                         f"got {param_dtype_name or repr(param_dtype)}")
     check_implementation(implementation)
     expert_axis, _ = sharding.normalize_axes(mesh, expert_axis, data_axis)
     if mesh is not None and expert_axis is not None and num_experts % mesh.shape[expert_axis]:

@@ -255,7 +255,8 @@ BAD_OPTIONS = [
                                                "got 'bogus'"),
     (dict(dtype=jnp.int32), ValueError, "dtype must be None or float32, bfloat16 or float16, got int32"),
     (dict(dtype="bogus"), ValueError, "dtype must be None or float32, bfloat16 or float16, got 'bogus'"),
-    (dict(param_dtype=jnp.int8), ValueError, "param_dtype must be a float dtype, got int8"),
+    (dict(param_dtype=jnp.int8), ValueError, "param_dtype must be float32, bfloat16 or float16, got int8"),
+    (dict(param_dtype=np.float64), ValueError, "param_dtype must be float32, bfloat16 or float16, got float64"),
 ]
 
 
