@@ -119,7 +119,7 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, implementation: str | N
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "softmax",
         renormalize: bool = True, bias=None, implementation: str | None = None, mesh=None,
-        expert_axis: str | None = None, data_axis=None):
+        expert_axis: str | None = None, data_axis=None, return_routing: bool = False):
     """The whole routed MoE layer: router matmul, top-k routing, expert FFN, weighted combine.
 
     Args:
@@ -133,17 +133,20 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "s
         holds E / P experts and tokens are exchanged with all_to_all. None: no expert parallelism.
       data_axis: a mesh axis (or a sequence of them) the tokens are split over, weights replicated.
         The T tokens are split over data_axis and expert_axis together. jaxmoe/sharding.py says how.
+      return_routing: also return what was routed, a `jaxmoe.reference.MoERouting` of router_logits
+        [..., E] float32, routing_ids [..., k] int32 and routing_weights [..., k] float32.
 
     Returns:
-      (y [..., d] in x's dtype, MoEAux). With a mesh, y is sharded over the token axes on its flattened
-      leading dims and the aux losses equal the unsharded ones.
+      (y [..., d] in x's dtype, MoEAux), and the MoERouting with return_routing. With a mesh, y (and the
+      routing) are sharded over the token axes on the flattened leading dims and the aux losses equal
+      the unsharded ones.
     """
     stages = _stages(implementation)
     if mesh is None and expert_axis is None and data_axis is None:
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
                                       renormalize=renormalize, bias=bias, routing_fn=stages.route_with_aux,
-                                      expert_ffn_fn=stages.expert_ffn)
+                                      expert_ffn_fn=stages.expert_ffn, with_routing=return_routing)
     return sharding.sharded_moe(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
                                 renormalize=renormalize, bias=bias, routing_fn=stages.route_with_stats,
                                 expert_ffn_fn=stages.expert_ffn, mesh=mesh, expert_axis=expert_axis,
-                                data_axis=data_axis)
+                                data_axis=data_axis, with_routing=return_routing)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxmoe import _validate, sharding
 from jaxmoe.api import check_implementation, moe
-from jaxmoe.reference import MoEAux
+from jaxmoe.reference import MoEAux, MoERouting
 
 Initializer = Callable[..., jax.Array]
 
@@ -118,8 +118,9 @@ def _swiglu(x, w_gate, w_up, w_down):
 
 def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int, scoring: str,
                     renormalize: bool, dtype, implementation: str | None, mesh=None, expert_axis=None,
-                    data_axis=None) -> tuple[jax.Array, MoEAux]:
-    """The layer's math on plain arrays: x [..., d] -> (y [..., d] in the compute dtype, MoEAux).
+                    data_axis=None) -> tuple[jax.Array, MoEAux, MoERouting]:
+    """The layer's math on plain arrays: x [..., d] -> (y [..., d] in the compute dtype, MoEAux,
+    MoERouting): what the layers return and sow.
 
     `params` holds the arrays named by `param_specs`; dtype None computes in x's dtype. mesh,
     expert_axis and data_axis go to `jaxmoe.moe`; the shared experts are plain jnp under jit.
@@ -137,12 +138,18 @@ def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, top_k: int
     experts = [params[name].astype(dtype) for name in ("w_gate", "w_up", "w_down")]
     # The router keeps its own dtype: `moe` computes the logits in float32 whatever it gets, so
     # rounding it to the compute dtype first would only make routing decisions noisier.
-    y, aux = moe(x, params["router"], *experts, top_k=top_k, scoring=scoring, renormalize=renormalize,
-                 implementation=implementation, mesh=mesh, expert_axis=expert_axis, data_axis=data_axis)
+    y, aux, routing = moe(x, params["router"], *experts, top_k=top_k, scoring=scoring, renormalize=renormalize,
+                          implementation=implementation, mesh=mesh, expert_axis=expert_axis, data_axis=data_axis,
+                          return_routing=True)
     if "shared_w_gate" in params:
         shared = [params[name].astype(dtype) for name in ("shared_w_gate", "shared_w_up", "shared_w_down")]
         y = (y.astype(jnp.float32) + _swiglu(x, *shared)).astype(dtype)
-    return y, aux
+    return y, aux, routing
+
+
+def sown(aux: MoEAux, routing: MoERouting) -> dict[str, jax.Array]:
+    """What each call of a layer sows, by name: the aux losses and counts, then the routing."""
+    return {**aux._asdict(), **routing._asdict()}
 
 
 def _logically_partitioned(init: Initializer, logical_axes) -> Initializer:
@@ -171,7 +178,9 @@ class MoELayer(nnx.Module):
       [d, S*f] ("embed", "mlp") and shared_w_down [S*f, d] ("mlp", "embed").
 
     Each call sows its router statistics as ``nnx.Intermediate`` values named "load_balancing_loss",
-    "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`). Read them with ``nnx.capture``, which
+    "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`), and its routing as "router_logits"
+    [..., E], "routing_ids" and "routing_weights" [..., k] (`jaxmoe.reference.MoERouting`, with x's
+    leading dims). Read them with ``nnx.capture``, which
     returns them beside the output, each as a tuple with one entry per call. Outside ``nnx.capture``
     nothing is recorded (so a plain ``nnx.jit`` loop traces once).
 
@@ -234,10 +243,10 @@ class MoELayer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         params = {name: getattr(self, name)[...] for name in self.param_names}
-        y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
-                                 renormalize=self.renormalize, dtype=self.dtype,
-                                 implementation=self.implementation, mesh=self.mesh,
-                                 expert_axis=self.expert_axis, data_axis=self.data_axis)
-        for name, value in aux._asdict().items():
+        y, aux, routing = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
+                                          renormalize=self.renormalize, dtype=self.dtype,
+                                          implementation=self.implementation, mesh=self.mesh,
+                                          expert_axis=self.expert_axis, data_axis=self.data_axis)
+        for name, value in sown(aux, routing).items():
             _sow_in_capture(self, name, value)
         return y

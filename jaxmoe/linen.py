@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxmoe.layers import Initializer, check_layer_options, moe_layer_apply, param_specs
+from jaxmoe.layers import Initializer, check_layer_options, moe_layer_apply, param_specs, sown
 
 
 class MoELayer(nn.Module):
@@ -17,8 +17,8 @@ class MoELayer(nn.Module):
     Parameter names, shapes, initializers and logical axis names are those of `jaxmoe.MoELayer`, so
     parameters move between the two unchanged; mesh, expert_axis and data_axis shard it as there
     (with linen, lay the parameters out with ``nn.logical_to_mesh_sharding`` and the same rules). Each
-    call sows "load_balancing_loss",
-    "router_z_loss" and "expert_counts" into the "intermediates" collection when it is mutable:
+    call sows "load_balancing_loss", "router_z_loss", "expert_counts", "router_logits", "routing_ids"
+    and "routing_weights" into the "intermediates" collection when it is mutable:
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxmoe import linen
@@ -62,10 +62,10 @@ class MoELayer(nn.Module):
         params = {name: self.param(name, nn.with_logical_partitioning(spec.init, spec.logical_axes),
                                    spec.shape, self.param_dtype)
                   for name, spec in specs.items()}
-        y, aux = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
-                                 renormalize=self.renormalize, dtype=self.dtype,
-                                 implementation=self.implementation, mesh=self.mesh,
-                                 expert_axis=self.expert_axis, data_axis=self.data_axis)
-        for name, value in aux._asdict().items():
+        y, aux, routing = moe_layer_apply(params, x, top_k=self.top_k, scoring=self.scoring,
+                                          renormalize=self.renormalize, dtype=self.dtype,
+                                          implementation=self.implementation, mesh=self.mesh,
+                                          expert_axis=self.expert_axis, data_axis=self.data_axis)
+        for name, value in sown(aux, routing).items():
             self.sow("intermediates", name, value)
         return y

@@ -32,6 +32,21 @@ class MoEAux(NamedTuple):
     expert_counts: jax.Array  # [E] int32, assignments per expert
 
 
+class MoERouting(NamedTuple):
+    """What `moe` routed, with x's leading dims (the layers sow these under the same names)."""
+
+    router_logits: jax.Array  # [..., E] float32
+    routing_ids: jax.Array  # [..., k] int32
+    routing_weights: jax.Array  # [..., k] float32
+
+
+def moe_routing(x2d, router_weight, routing: Routing, lead) -> MoERouting:
+    """MoERouting of x2d's tokens, reshaped to lead. The logits are the router product once more, which
+    XLA merges with the routing stage's own under jit (one dot, the same operands)."""
+    logits = router_logits(x2d, router_weight)
+    return MoERouting(logits.reshape(*lead, -1), routing.ids.reshape(*lead, -1), routing.weights.reshape(*lead, -1))
+
+
 @jax.custom_vjp
 def permute_rows(a: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
     """a[index], where index is a permutation and inverse its inverse."""
@@ -340,15 +355,17 @@ def route_tokens(x2d, router_weight, *, top_k, scoring, renormalize, bias, routi
 
 
 def moe_pipeline(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
-                 routing_fn: Callable, expert_ffn_fn: Callable):
+                 routing_fn: Callable, expert_ffn_fn: Callable, with_routing: bool = False):
     """x [..., d] -> (y [..., d], MoEAux), with the routing and expert stages supplied by the caller
-    (routing_fn with the signature of `route_with_aux`)."""
+    (routing_fn with the signature of `route_with_aux`); with_routing adds a MoERouting."""
     d, _ = _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, d)
     routing, aux = route_tokens(x2d, router_weight, top_k=top_k, scoring=scoring, renormalize=renormalize,
                                 bias=bias, routing_fn=routing_fn)
     y = expert_ffn_fn(x2d, routing.weights, routing.ids, w_gate, w_up, w_down)
+    if with_routing:
+        return y.reshape(*lead, d), aux, moe_routing(x2d, router_weight, routing, lead)
     return y.reshape(*lead, d), aux
 
 
@@ -362,6 +379,6 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring="softmax", ren
                         expert_ffn_fn=grouped_expert_ffn)
 
 
-__all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "RouterStats", "Routing",
+__all__ = ["MoEAux", "MoERouting", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "RouterStats", "Routing",
            "expert_ffn", "expert_probs", "finalized", "make_ragged_dot", "moe", "permute_rows", "route",
            "route_with_aux", "route_with_stats"]

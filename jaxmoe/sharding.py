@@ -117,8 +117,10 @@ def _explicit_reshard(a, mesh, spec: P):
 
 
 def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renormalize, bias,
-                routing_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
-    """`reference.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
+                routing_fn: Callable, expert_ffn_fn: Callable, mesh, expert_axis, data_axis,
+                with_routing: bool = False):
+    """`reference.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux), and
+    with with_routing a MoERouting, split over the token axes as y is."""
     _validate.check_moe_args(x, router_weight, w_gate, w_up, w_down, top_k, scoring, bias)
     mesh, expert_axis, token_axes, P_e = _plan(x, w_gate, mesh, expert_axis, data_axis)
     lead = x.shape[:-1]
@@ -126,7 +128,7 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
     if T == 0:  # nothing to distribute
         return reference.moe_pipeline(x, router_weight, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
                                       renormalize=renormalize, bias=bias, routing_fn=reference.finalized(routing_fn),
-                                      expert_ffn_fn=expert_ffn_fn)
+                                      expert_ffn_fn=expert_ffn_fn, with_routing=with_routing)
 
     def local(x_l, router_weight, w_gate, w_up, w_down, bias):
         routing, stats = reference.route_tokens(x_l, router_weight, top_k=top_k, scoring=scoring,
@@ -137,18 +139,25 @@ def sharded_moe(x, router_weight, w_gate, w_up, w_down, *, top_k, scoring, renor
             y = _expert_parallel_ffn(x_l, routing.weights, routing.ids, w_gate, w_up, w_down,
                                      expert_axis=expert_axis, devices=P_e, expert_ffn_fn=expert_ffn_fn)
         stats = jax.lax.psum(stats, token_axes)
+        if with_routing:
+            return y, reference.finalize_aux(stats, top_k), reference.moe_routing(x_l, router_weight, routing,
+                                                                                  x_l.shape[:-1])
         return y, reference.finalize_aux(stats, top_k)
 
     tokens = P(token_axes, None)
     experts = P(expert_axis)  # P(None) when only data-parallel: replicated
     in_specs = (tokens, P(), experts, experts, experts, None if bias is None else P())
     out_specs = (tokens, reference.MoEAux(P(), P(), P()))
+    if with_routing:
+        out_specs += (reference.MoERouting(tokens, tokens, tokens),)
     args = (_flatten_tokens(x, mesh, tokens), router_weight, w_gate, w_up, w_down, bias)
     args = [_explicit_reshard(a, mesh, spec) for a, spec in zip(args, in_specs)]
-    y, aux = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
-    if len(lead) == 1:
-        return y, aux
-    return _unflatten_tokens(y, x, mesh, token_axes), aux
+    y, aux, *routing = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                     check_vma=False)(*args)
+    if len(lead) > 1:
+        y = _unflatten_tokens(y, x, mesh, token_axes)
+        routing = [reference.MoERouting(*(_unflatten_tokens(a, x, mesh, token_axes) for a in r)) for r in routing]
+    return y, aux, *routing
 
 
 def _plan(x, w_gate, mesh, expert_axis, data_axis):
@@ -206,19 +215,21 @@ def _flatten_tokens(x, mesh, tokens: P):
 
 
 def _unflatten_tokens(y, x, mesh, token_axes: tuple[str, ...]):
-    """y [T, d], split over the token axes -> [*lead, d] (lead = x's leading dims).
+    """y [T, n], split over the token axes -> [*lead, n] (lead = x's leading dims).
 
     Under Auto axes XLA picks the layout. Under Explicit axes the reshape must name one, and splitting a
     sharded dim into dims that do not each divide by its shards has no natural one (T = 64 over 8
     devices as [4, 16]): y takes x's layout when x is split on the mesh, else the token axes spread, in
     order, over the leading dims each divides, and what is left stays replicated."""
-    lead, d = x.shape[:-1], x.shape[-1]
+    lead, d = x.shape[:-1], y.shape[-1]
     if not _explicit_axes(mesh):
         return jnp.reshape(y, (*lead, d))
     sharding = jax.typeof(x).sharding
     if sharding.mesh.empty or sharding.mesh.axis_names != mesh.axis_names or not any(sharding.spec):
         explicit = [a for a in token_axes if a in _explicit_axes(mesh)]
         sharding = NamedSharding(mesh, P(*_spread(lead, explicit, mesh), None))
+    elif d != x.shape[-1]:  # the routing's [..., E] and [..., k] take x's layout of the leading dims only
+        sharding = NamedSharding(sharding.mesh, P(*(tuple(sharding.spec) + (None,) * x.ndim)[:len(lead)], None))
     return jnp.reshape(y, (*lead, d), out_sharding=sharding)
 
 

@@ -28,6 +28,10 @@ SHARED_AXES = {
 }
 
 
+# What every call sows: the aux losses and counts, then the routing.
+SOWN = jaxmoe.MoEAux._fields + jaxmoe.reference.MoERouting._fields
+
+
 def make_nnx(seed=0, **options):
     return jaxmoe.MoELayer(D, F, E, K, **OPTIONS, **options, rngs=nnx.Rngs(seed))
 
@@ -111,21 +115,31 @@ def test_nnx_and_linen_agree_given_the_same_parameters(num_shared_experts):
     np.testing.assert_array_equal(y_twin, y)
     aux = captured_aux(intermediates)
     aux_twin = {name: values[0] for name, values in state["intermediates"].items()}
-    assert aux_twin.keys() == aux.keys() == set(jaxmoe.MoEAux._fields)
+    assert aux_twin.keys() == aux.keys() == set(SOWN)
     for name in aux:
         np.testing.assert_array_equal(aux_twin[name], aux[name])
 
 
-def test_sown_aux_is_moes_aux():
+def test_sown_aux_and_routing_are_moes():
+    """The layer sows moe's aux losses and counts, and what it routed: the router logits x @ router and
+    route()'s ids and weights, with x's leading dims."""
     layer = make_nnx()
     x = tokens()
     _, intermediates = run(layer, x)
     params = nnx_params(layer)
-    _, expected = moe(x, params["router"], params["w_gate"], params["w_up"], params["w_down"])
+    moe_and_routing = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla", return_routing=True))
+    _, expected, routing = moe_and_routing(x, params["router"], params["w_gate"], params["w_up"], params["w_down"])
     aux = captured_aux(intermediates)
-    for name, value in expected._asdict().items():
-        np.testing.assert_array_equal(aux[name], value)
+    assert aux.keys() == set(SOWN)
+    for name, value in {**expected._asdict(), **routing._asdict()}.items():
+        np.testing.assert_array_equal(aux[name], value, err_msg=name)
     assert int(aux["expert_counts"].sum()) == x.shape[0] * x.shape[1] * K
+    with jax.default_matmul_precision("highest"):
+        logits = jnp.einsum("bsd,de->bse", x, params["router"])
+    want = jaxmoe.route(logits.reshape(-1, E), K)
+    np.testing.assert_allclose(aux["router_logits"], logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux["routing_ids"], want.ids.reshape(*x.shape[:-1], K))
+    np.testing.assert_allclose(aux["routing_weights"], want.weights.reshape(*x.shape[:-1], K), rtol=1e-5)
 
 
 def test_sown_aux_collects_one_entry_per_call():
@@ -170,7 +184,7 @@ def test_linen_sows_only_into_a_mutable_collection():
     variables = twin.init(jax.random.key(0), tokens())
     assert "intermediates" not in variables  # init's intermediates are not returned to keep
     _, state = twin.apply(variables, tokens(), mutable=["intermediates"])
-    assert set(state["intermediates"]) == set(jaxmoe.MoEAux._fields)
+    assert set(state["intermediates"]) == set(SOWN)
 
 
 def test_eager_matches_jit():

@@ -243,21 +243,25 @@ def _batch_of_4():
                                             ("eager, set_mesh", P(None, ("data", "expert")))])
 def test_explicit_axes_3d_batch(how, placement):
     """On Explicit axes (jax.make_mesh's default), x [B, S, d] with B not a multiple of the token shards,
-    not placed on the mesh or split over S: the output equals one device's, in a layout over the mesh."""
+    not placed on the mesh or split over S: the output and the routing equal one device's, in a layout
+    over the mesh."""
     x, *weights = _batch_of_4()
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
     if placement is not None:
         x = jax.device_put(x, NamedSharding(mesh, placement))
     in_context = "set_mesh" in how
     run = functools.partial(jaxmoe.moe, top_k=K, implementation="xla", expert_axis="expert", data_axis="data",
-                            mesh=None if in_context else mesh)
+                            mesh=None if in_context else mesh, return_routing=True)
     run = jax.jit(run) if how.startswith("jit") else run
     with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
-        y, aux = run(x, *weights)
-    y_ref, aux_ref = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla"))(*_batch_of_4())
+        y, aux, routing = run(x, *weights)
+    y_ref, aux_ref, routing_ref = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla",
+                                                            return_routing=True))(*_batch_of_4())
     assert y.shape == (4, 16, D) and y.sharding.mesh.shape == mesh.shape
     assert_close(y, y_ref, jnp.float32)
     np.testing.assert_array_equal(aux.expert_counts, aux_ref.expert_counts)
+    for got, want in zip(routing, routing_ref):
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-6
 
 
 def test_explicit_axes_linen_init_3d_batch():
@@ -324,8 +328,9 @@ def test_linen_layer_on_a_mesh():
 
     (y, state), (y_ref, state_ref) = apply(sharded, placed), apply(layer, variables)
     assert_close(y, y_ref, jnp.float32)
-    for name in jaxmoe.MoEAux._fields:
-        assert rel_err(state["intermediates"][name][0], state_ref["intermediates"][name][0]) <= 1e-6
+    for name in jaxmoe.MoEAux._fields + jaxmoe.reference.MoERouting._fields:  # the routing as sown too
+        got, want = state["intermediates"][name][0], state_ref["intermediates"][name][0]
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-6, name
 
 
 def test_errors_name_the_axes():
