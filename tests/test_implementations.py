@@ -488,14 +488,15 @@ def test_float32_follows_default_matmul_precision(impl):
 def test_interpreted_launches_raise_no_numpy_warnings():
     """Triton's interpreter computes in numpy, which warns where a GPU just computes: log(0) of the
     routing kernel's masked-off rows (12 tokens fill part of a block), Inf - Inf and 0 * Inf of an Inf
-    input. The launches keep those warnings to themselves."""
+    input, a max over a NaN token's logits. The launches keep those warnings to themselves."""
     p = Problem(41, 12, 16, 24, 4, 2)
     router = jax.random.normal(jax.random.key(8), (p.d, p.E))
     w_gate = p.w_gate.at[1, 3, 5].set(jnp.inf)
+    x = p.x.at[5, 2].set(jnp.nan)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         jax.block_until_ready(jax.jit(lambda x: jaxmoe.moe(x, router, w_gate, p.w_up, p.w_down, top_k=2,
-                                                           implementation="interpret"))(p.x))
+                                                           implementation="interpret"))(x))
     assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
