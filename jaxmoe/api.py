@@ -133,7 +133,7 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int, scoring: str = "s
         holds E / P experts and tokens are exchanged with all_to_all. None: no expert parallelism.
       data_axis: a mesh axis (or a sequence of them) the tokens are split over, weights replicated.
         The T tokens are split over data_axis and expert_axis together. jaxmoe/sharding.py says how.
-      return_routing: also return what was routed, a `jaxmoe.reference.MoERouting` of router_logits
+      return_routing: also return what was routed, a `jaxmoe.MoERouting` of router_logits
         [..., E] float32, routing_ids [..., k] int32 and routing_weights [..., k] float32.
 
     Returns:

@@ -179,7 +179,7 @@ class MoELayer(nnx.Module):
 
     Each call sows its router statistics as ``nnx.Intermediate`` values named "load_balancing_loss",
     "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`), and its routing as "router_logits"
-    [..., E], "routing_ids" and "routing_weights" [..., k] (`jaxmoe.reference.MoERouting`, with x's
+    [..., E], "routing_ids" and "routing_weights" [..., k] (`jaxmoe.MoERouting`, with x's
     leading dims). Read them with ``nnx.capture``, which
     returns them beside the output, each as a tuple with one entry per call. Outside ``nnx.capture``
     nothing is recorded (so a plain ``nnx.jit`` loop traces once).
