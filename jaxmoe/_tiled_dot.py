@@ -37,11 +37,12 @@ def _segments(group_sizes, M: int, B: int):
     """(block index, group index) of each of the n_blocks + G segments, in row order. A segment that is
     empty (two cuts at one row) repeats a neighbour's work, which selecting makes harmless."""
     n_blocks = -(-M // B)
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    cuts = jnp.sort(jnp.concatenate([jnp.arange(n_blocks, dtype=jnp.int32) * B, ends - group_sizes]))
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    cuts = jnp.sort(jnp.concatenate([jnp.arange(n_blocks, dtype=jnp.int32) * B, ends - sizes]))
     block = jnp.clip(cuts // B, 0, n_blocks - 1)
-    group = jnp.clip(jnp.searchsorted(ends, cuts, side="right"), 0, group_sizes.shape[0] - 1)
-    return block.astype(jnp.int32), group.astype(jnp.int32), ends - group_sizes, ends
+    group = jnp.clip(jnp.searchsorted(ends, cuts, side="right"), 0, sizes.shape[0] - 1)
+    return block.astype(jnp.int32), group.astype(jnp.int32), ends - sizes, ends
 
 
 def _padded(a, rows: int):
@@ -50,7 +51,7 @@ def _padded(a, rows: int):
 
 def rows_dot(lhs, rhs, group_sizes, *, precision=None, out_dtype=None):
     """out [M, N] = lhs_g @ rhs[g] for each group's rows; rows past the last group are zero."""
-    (M, K), (G, _, N) = lhs.shape, rhs.shape
+    (M, _), (G, _, N) = lhs.shape, rhs.shape
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     if M == 0 or G == 0:
         return jnp.zeros((M, N), out_dtype)
