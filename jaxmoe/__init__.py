@@ -5,7 +5,7 @@ from jaxmoe import reference
 from jaxmoe.api import IMPLEMENTATIONS, SUPPORTED_DTYPES, expert_ffn, moe, resolve_implementation
 from jaxmoe.layers import MoELayer, SelectionBias, update_selection_bias
 from jaxmoe.options import Experts, Router
-from jaxmoe.reference import MoEAux
+from jaxmoe.reference import MoEAux, MoERouting
 from jaxmoe.routing import Routing, route
 from jaxmoe import hf  # after the layers it builds
 
@@ -16,6 +16,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "MoEAux",
     "MoELayer",
+    "MoERouting",
     "SUPPORTED_DTYPES",
     "Router",
     "Routing",

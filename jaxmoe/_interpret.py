@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
+import warnings
 
 import numpy as np
 
@@ -171,6 +172,12 @@ def run_interpreted(kernel, grid, args, out_shapes, zeroed_outputs, constexprs) 
     outputs = [HostTensor(np.zeros(s.shape, s.dtype) if i in zeroed_outputs else poison_like(s.shape, s.dtype))
                for i, s in enumerate(out_shapes)]
     fn = getattr(kernel, "fn", kernel)
-    with _LOCK, _interpreter_language():
+    # The interpreter runs the kernels' float math in numpy, which warns where a GPU just computes:
+    # log(0) = -inf of a masked-off row, Inf - Inf = NaN of a non-finite input. Those values are the
+    # kernels' semantics, so numpy's floating-point warnings are off for the launch (errstate is
+    # per-thread), and so is the one warning numpy raises through `warnings` instead, a max over a
+    # row of NaN logits (by its message, for the launch: the lock already holds other launches off).
+    with _LOCK, _interpreter_language(), np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN (slice|axis) encountered", RuntimeWarning)
         InterpretedFunction(fn)[grid](*wrapped, *outputs, **constexprs)
     return [o.array for o in outputs]

@@ -41,8 +41,9 @@ def resolve_implementation(implementation: str | None) -> str:
     if implementation is None:
         return "triton" if _triton_gpu_available() else "xla"
     if implementation == "triton" and not _triton_gpu_available():
-        raise ValueError("implementation='triton' needs a GPU backend and jax-triton; "
-                         "use 'interpret' to run the same kernels on CPU, or 'xla'")
+        raise ValueError("implementation='triton' needs a GPU backend and jax-triton; use 'interpret' to run "
+                         "the same kernels on a CPU (it needs triton, from the gpu extra: pip install "
+                         "'jaxmoe[gpu]', or '.[gpu]' in a clone), or 'xla'")
     return implementation
 
 
@@ -61,8 +62,9 @@ def _stages(implementation: str | None) -> Stages:
     try:
         from jaxmoe import ops  # imports triton; only paid for when a kernel path is asked for
     except ImportError as err:
-        raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton "
-                          f"(pip install 'jaxmoe[gpu]'); implementation='xla' needs neither") from err
+        raise ImportError(f"implementation={impl!r} runs Triton kernels and needs triton, from the gpu extra "
+                          f"(pip install 'jaxmoe[gpu]', or '.[gpu]' in a clone); implementation='xla' needs "
+                          f"neither") from err
 
     return Stages(functools.partial(ops.route_with_stats, mode=impl), functools.partial(ops.route_with_aux, mode=impl),
                   _batchable_expert_ffn(impl))
@@ -83,7 +85,8 @@ def _batchable_expert_ffn(impl: str):
 
 
 def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, b_gate=None, b_up=None, b_down=None,
-               experts: Experts | None = None, implementation: str | None = None):
+               experts: Experts | None = None, implementation: str | None = None, mesh=None,
+               expert_axis: str | None = None, data_axis=None):
     """Runs each token through its top-k experts and sums the weighted results.
 
     y[t] = sum_j weights[t, j] * FFN_e(x[t]), e = ids[t, j], FFN_e(v) = (silu(v @ Wg[e]) * (v @ Wu[e])) @ Wd[e]
@@ -99,24 +102,33 @@ def expert_ffn(x, weights, ids, w_gate, w_up, w_down, *, b_gate=None, b_up=None,
       experts: a `jaxmoe.Experts`; None is plain SwiGLU with the weight on the output.
       implementation: None (auto: "triton" on a GPU, else "xla"), "xla" (jax.lax), "triton" (fused
         Triton kernels through jax-triton) or "interpret" (the same kernels in Triton's interpreter, CPU).
+      mesh, expert_axis, data_axis: as in `moe`: x, weights and ids are split over data_axis and
+        expert_axis together, the expert weights over expert_axis, and each token's rows, ids and
+        weights go to the devices of expert_axis with an all_to_all.
 
     Returns:
       y: [T, d] in x's dtype, differentiable with respect to x, weights, the expert weights and biases.
-      "triton" and "interpret" differentiate through Triton backward kernels too.
+      "triton" and "interpret" differentiate through Triton backward kernels too. With a mesh, y is
+      split over the token axes.
 
     Under jax.vmap with the expert weights shared by the batch, the batch is folded into tokens (one
     call on B*T tokens); otherwise, and under differentiation, it runs once per element.
     """
     _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down)
-    return _stages(implementation).expert_ffn(x, weights, ids, w_gate, w_up, w_down, 0, b_gate, b_up, b_down,
-                                              experts=make_experts(experts))
+    expert_ffn_fn = _stages(implementation).expert_ffn
+    experts = make_experts(experts)
+    if mesh is None and expert_axis is None and data_axis is None:
+        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, 0, b_gate, b_up, b_down, experts=experts)
+    return sharding.sharded_expert_ffn(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down, experts=experts,
+                                       expert_ffn_fn=expert_ffn_fn, mesh=mesh, expert_axis=expert_axis,
+                                       data_axis=data_axis)
 
 
 def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, scoring: str = "softmax",
         renormalize: bool = True, router: Router | None = None, experts: Experts | None = None,
         router_bias=None, selection_bias=None, b_gate=None, b_up=None, b_down=None, shared_w_gate=None,
         shared_w_up=None, shared_w_down=None, shared_output_gate=None, implementation: str | None = None,
-        mesh=None, expert_axis: str | None = None, data_axis=None):
+        mesh=None, expert_axis: str | None = None, data_axis=None, return_routing: bool = False):
     """The whole MoE layer: router matmul, routing, expert FFN, weighted combine, shared experts.
 
     Args:
@@ -139,10 +151,13 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, sco
         holds E / P experts and tokens are exchanged with all_to_all. None: no expert parallelism.
       data_axis: a mesh axis (or a sequence of them) the tokens are split over, weights replicated.
         The T tokens are split over data_axis and expert_axis together. jaxmoe/sharding.py says how.
+      return_routing: also return what was routed, a `jaxmoe.MoERouting` of router_logits
+        [..., E] float32, routing_ids [..., k] int32 and routing_weights [..., k] float32.
 
     Returns:
-      (y [..., d] in x's dtype, MoEAux). With a mesh, y is sharded over the token axes on its flattened
-      leading dims and the aux losses equal the unsharded ones.
+      (y [..., d] in x's dtype, MoEAux), and the MoERouting with return_routing. With a mesh, y (and the
+      routing) are sharded over the token axes on the flattened leading dims and the aux losses equal
+      the unsharded ones.
     """
     router = make_router(router, top_k, scoring, renormalize)
     experts = make_experts(experts)
@@ -151,7 +166,7 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, sco
     stages = _stages(implementation)
     if mesh is None and expert_axis is None and data_axis is None:
         return pipeline.moe_pipeline(x, params, router, experts, routing_fn=stages.route_with_aux,
-                                     expert_ffn_fn=stages.expert_ffn)
+                                     expert_ffn_fn=stages.expert_ffn, with_routing=return_routing)
     return sharding.sharded_moe(x, params, router, experts, routing_fn=stages.route_with_stats,
                                 expert_ffn_fn=stages.expert_ffn, mesh=mesh, expert_axis=expert_axis,
-                                data_axis=data_axis)
+                                data_axis=data_axis, with_routing=return_routing)

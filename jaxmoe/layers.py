@@ -14,13 +14,22 @@ from flax import nnx
 from jaxmoe import _validate, sharding
 from jaxmoe.api import check_implementation, moe
 from jaxmoe.options import Experts, Router, make_experts, make_router
-from jaxmoe.reference import MoEAux
+from jaxmoe.reference import MoEAux, MoERouting
 
 Initializer = Callable[..., jax.Array]
 
 # Outside nnx.capture, flax stores sown values as module attributes that gain an entry per call, so
 # every nnx.jit call sees a new module and retraces. flax >= 0.12.11 can skip that instead.
 _SOW_OPTIONS = {"capture_noop": True} if "capture_noop" in inspect.signature(nnx.Module.sow).parameters else {}
+
+
+def _sow_in_capture(module: nnx.Module, name: str, value) -> None:
+    """module.sow(nnx.Intermediate, name, value) inside nnx.capture, nothing outside it, on every flax.
+
+    flax 0.12.10 has no capture_noop; there nnx.capture marks the modules it records by giving each a
+    `__captures__` attribute for the call (what its sow looks for, and what flax >= 0.12.11 tests too)."""
+    if _SOW_OPTIONS or hasattr(module, "__captures__"):
+        module.sow(nnx.Intermediate, name, value, **_SOW_OPTIONS)
 
 
 def default_kernel_init(key, shape, dtype=jnp.float32) -> jax.Array:
@@ -147,8 +156,10 @@ def layer_options(d_model, d_ff, num_experts, top_k, *, scoring, renormalize, ro
     dtype_name, param_dtype_name = _dtype_name(dtype), _dtype_name(param_dtype)
     if dtype is not None and dtype_name not in {dt.name for dt in _validate.FLOAT_DTYPES}:
         raise ValueError(f"dtype must be None or {_validate.FLOAT_DTYPE_NAMES}, got {dtype_name or repr(dtype)}")
-    if param_dtype_name is None or not jnp.issubdtype(param_dtype, jnp.floating):
-        raise ValueError(f"param_dtype must be a float dtype, got {param_dtype_name or repr(param_dtype)}")
+    # Every parameter reaches `moe` in param_dtype (the router as it is), which takes these three only.
+    if param_dtype_name not in {dt.name for dt in _validate.FLOAT_DTYPES}:
+        raise ValueError(f"param_dtype must be {_validate.FLOAT_DTYPE_NAMES}, "
+                         f"got {param_dtype_name or repr(param_dtype)}")
     check_implementation(implementation)
     expert_axis, _ = sharding.normalize_axes(mesh, expert_axis, data_axis)
     if mesh is not None and expert_axis is not None and num_experts % mesh.shape[expert_axis]:
@@ -166,8 +177,9 @@ _COMPUTE_DTYPE = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "share
 
 def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, options: LayerOptions, dtype,
                     implementation: str | None, mesh=None, expert_axis=None, data_axis=None
-                    ) -> tuple[jax.Array, MoEAux]:
-    """The layer's math on plain arrays: x [..., d] -> (y [..., d] in the compute dtype, MoEAux).
+                    ) -> tuple[jax.Array, MoEAux, MoERouting]:
+    """The layer's math on plain arrays: x [..., d] -> (y [..., d] in the compute dtype, MoEAux,
+    MoERouting): what the layers return and sow.
 
     `params` holds the arrays named by `param_specs` (and "selection_bias", the layer state, when the
     layer has one); dtype None computes in x's dtype. mesh, expert_axis and data_axis go to `jaxmoe.moe`.
@@ -187,7 +199,12 @@ def moe_layer_apply(params: Mapping[str, jax.Array], x: jax.Array, *, options: L
     arrays = {_MOE_ARGUMENT.get(name, name): value.astype(dtype) if name in _COMPUTE_DTYPE else value
               for name, value in params.items()}
     return moe(x, **arrays, router=options.router, experts=options.experts, implementation=implementation,
-               mesh=mesh, expert_axis=expert_axis, data_axis=data_axis)
+               mesh=mesh, expert_axis=expert_axis, data_axis=data_axis, return_routing=True)
+
+
+def sown(aux: MoEAux, routing: MoERouting) -> dict[str, jax.Array]:
+    """What each call of a layer sows, by name: the aux losses and counts, then the routing."""
+    return {**aux._asdict(), **routing._asdict()}
 
 
 def _logically_partitioned(init: Initializer, logical_axes) -> Initializer:
@@ -229,11 +246,11 @@ class MoELayer(nnx.Module):
     (not a Param: the optimizer does not train it); move it with `jaxmoe.update_selection_bias`.
 
     Each call sows its router statistics as ``nnx.Intermediate`` values named "load_balancing_loss",
-    "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`). Read them with ``nnx.capture``, which
+    "router_z_loss" and "expert_counts" (see `jaxmoe.MoEAux`), and its routing as "router_logits"
+    [..., E], "routing_ids" and "routing_weights" [..., k] (`jaxmoe.MoERouting`, with x's
+    leading dims). Read them with ``nnx.capture``, which
     returns them beside the output, each as a tuple with one entry per call. Outside ``nnx.capture``
-    nothing is recorded with flax >= 0.12.11; older flax appends them to module attributes on every
-    call, which makes ``nnx.jit`` retrace, so there run the layer under ``nnx.capture`` or take them
-    off with ``nnx.pop(model, nnx.Intermediate)`` after each call.
+    nothing is recorded (so a plain ``nnx.jit`` loop traces once).
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -310,9 +327,9 @@ class MoELayer(nnx.Module):
         params = {name: getattr(self, name)[...] for name in self.param_names}
         if self.options.selection_bias:
             params["selection_bias"] = self.selection_bias[...]
-        y, aux = moe_layer_apply(params, x, options=self.options, dtype=self.dtype,
-                                 implementation=self.implementation, mesh=self.mesh,
-                                 expert_axis=self.expert_axis, data_axis=self.data_axis)
-        for name, value in aux._asdict().items():
-            self.sow(nnx.Intermediate, name, value, **_SOW_OPTIONS)
+        y, aux, routing = moe_layer_apply(params, x, options=self.options, dtype=self.dtype,
+                                          implementation=self.implementation, mesh=self.mesh,
+                                          expert_axis=self.expert_axis, data_axis=self.data_axis)
+        for name, value in sown(aux, routing).items():
+            _sow_in_capture(self, name, value)
         return y

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxmoe.layers import Initializer, LayerOptions, layer_options, moe_layer_apply, param_specs, selection_bias_spec
+from jaxmoe.layers import (Initializer, LayerOptions, layer_options, moe_layer_apply, param_specs, selection_bias_spec,
+                           sown)
 from jaxmoe.options import Experts, Router
 
 # The collection that holds the selection bias (jaxmoe.update_selection_bias moves it; no optimizer does).
@@ -23,7 +24,8 @@ class MoELayer(nn.Module):
     (with linen, lay the parameters out with ``nn.logical_to_mesh_sharding`` and the same rules). Each
     With selection_bias=True the [E] selection bias lives in the "router_state" collection, apart from
     "params", so an optimizer over params leaves it alone. Each call sows "load_balancing_loss",
-    "router_z_loss" and "expert_counts" into the "intermediates" collection when it is mutable:
+    "router_z_loss", "expert_counts", "router_logits", "routing_ids" and "routing_weights" into the
+    "intermediates" collection when it is mutable:
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxmoe import linen
@@ -86,8 +88,9 @@ class MoELayer(nn.Module):
             params["selection_bias"] = self.variable(ROUTER_STATE, "selection_bias", spec.init,
                                                      self.make_rng("params") if self.is_initializing() else None,
                                                      spec.shape, jnp.float32).value
-        y, aux = moe_layer_apply(params, x, options=options, dtype=self.dtype, implementation=self.implementation,
-                                 mesh=self.mesh, expert_axis=self.expert_axis, data_axis=self.data_axis)
-        for name, value in aux._asdict().items():
+        y, aux, routing = moe_layer_apply(params, x, options=options, dtype=self.dtype,
+                                          implementation=self.implementation, mesh=self.mesh,
+                                          expert_axis=self.expert_axis, data_axis=self.data_axis)
+        for name, value in sown(aux, routing).items():
             self.sow("intermediates", name, value)
         return y

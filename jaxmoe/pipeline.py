@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxmoe import _validate
 from jaxmoe.options import Experts, Router
-from jaxmoe.reference import shared_experts
+from jaxmoe.reference import MoERouting, shared_experts
 
 
 class MoEParams(NamedTuple):
@@ -75,13 +75,14 @@ def router_logits(x2d: jax.Array, router_weight: jax.Array, router_bias=None) ->
 
 
 def route_tokens(x2d, params: MoEParams, router: Router, routing_fn: Callable):
-    """x2d [T, d] -> routing_fn(logits, router=, selection_bias=): the router matmul and the routing stage.
+    """x2d [T, d] -> (logits, *routing_fn(logits, router=, selection_bias=)): the router matmul and the
+    routing stage.
 
     routing_fn has the signature of `reference.route_with_aux` (-> (Routing, MoEAux)) or of
     `reference.route_with_stats` (-> (Routing, RouterStats)); the Triton stage computes both parts in one kernel.
     """
     logits = router_logits(x2d, params.router_weight, params.router_bias)
-    return routing_fn(logits, router=router, selection_bias=params.selection_bias)
+    return logits, *routing_fn(logits, router=router, selection_bias=params.selection_bias)
 
 
 def add_shared(y2d, x2d, params: MoEParams):
@@ -92,13 +93,17 @@ def add_shared(y2d, x2d, params: MoEParams):
 
 
 def moe_pipeline(x, params: MoEParams, router: Router, experts: Experts, *, routing_fn: Callable,
-                 expert_ffn_fn: Callable):
+                 expert_ffn_fn: Callable, with_routing: bool = False):
     """x [..., d] -> (y [..., d], MoEAux), with the routing (signature of `reference.route_with_aux`) and
-    expert stages (signature of `reference.grouped_expert_ffn`) supplied by the caller."""
+    expert stages (signature of `reference.grouped_expert_ffn`) supplied by the caller; with_routing adds
+    a MoERouting with x's leading dims."""
     d, _ = check(x, params, router)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, d)
-    routing, aux = route_tokens(x2d, params, router, routing_fn)
+    logits, routing, aux = route_tokens(x2d, params, router, routing_fn)
     y = expert_ffn_fn(x2d, routing.weights, routing.ids, params.w_gate, params.w_up, params.w_down, 0,
                       *params.expert_biases, experts=experts)
-    return add_shared(y, x2d, params).reshape(*lead, d), aux
+    y = add_shared(y, x2d, params).reshape(*lead, d)
+    if with_routing:
+        return y, aux, MoERouting(*(a.reshape(*lead, -1) for a in (logits, routing.ids, routing.weights)))
+    return y, aux

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxmoe import _validate
+from jaxmoe import _tiled_dot, _validate
 from jaxmoe.options import Experts, Router, make_experts, make_router
 from jaxmoe.routing import Routing, expert_probs, route
 
@@ -31,6 +31,14 @@ class MoEAux(NamedTuple):
     load_balancing_loss: jax.Array  # E * sum_e (share of the T*k assignments on e) * (mean prob of e)
     router_z_loss: jax.Array  # mean over tokens of logsumexp(logits)^2
     expert_counts: jax.Array  # [E] int32, assignments per expert
+
+
+class MoERouting(NamedTuple):
+    """What `moe` routed, with x's leading dims (the layers sow these under the same names)."""
+
+    router_logits: jax.Array  # [..., E] float32
+    routing_ids: jax.Array  # [..., k] int32
+    routing_weights: jax.Array  # [..., k] float32
 
 
 @jax.custom_vjp
@@ -91,7 +99,10 @@ def ragged_dot_transposes(lhs, rhs, group_sizes, dout, *, precision=None):
     GPUs XLA expands both transposes (and even a forward-style ragged dot of a float32 cotangent) into
     dense [rows, groups * K] float32 operands, 16 GiB for Qwen3-30B-A3B at T=2048, which ran a test out
     of memory. The loop does the same FLOPs in the memory of one masked copy; selecting keeps a
-    non-finite weight in its own group's rows."""
+    non-finite weight in its own group's rows. On CPU the loop runs over row blocks instead
+    (jaxmoe/_tiled_dot.py), which costs the rows' work rather than the rows' times the groups'."""
+    if _on_cpu():
+        return _tiled_dot.rows_dot_transposes(lhs, rhs, group_sizes, dout, precision=precision)
     acc = jnp.promote_types(dout.dtype, lhs.dtype)
     dlhs = _masked_rows_dot(dout, jnp.swapaxes(rhs, 1, 2).astype(acc), group_sizes, precision, acc)
     return dlhs.astype(lhs.dtype), _masked_drhs(lhs, rhs, group_sizes, dout, precision)
@@ -120,7 +131,7 @@ def _all_finite(rhs):
 
 def _forward(lhs, rhs, group_sizes, precision, out_dtype):
     if _on_cpu():
-        return _masked_rows_dot(lhs, rhs, group_sizes, precision, out_dtype)
+        return _tiled_dot.rows_dot(lhs, rhs, group_sizes, precision=precision, out_dtype=out_dtype)
     lax_dot = functools.partial(jax.lax.ragged_dot, precision=precision, preferred_element_type=out_dtype)
     masked = functools.partial(_masked_rows_dot, precision=precision, out_dtype=out_dtype)
     return jax.lax.cond(_all_finite(rhs), lax_dot, masked, lhs, rhs, group_sizes)
@@ -148,9 +159,11 @@ def default_ragged_dot(lhs, rhs, group_sizes, *, precision=None, preferred_eleme
     XLA's ragged_dot multiplies the rows of other groups (zeros) by each group's weights, so an Inf or
     NaN in one expert's weights (0 * Inf = NaN) reached every token, on CPUs and on an H200 alike. The
     masked form (_masked_rows_dot, one dense dot per group) selects, rather than multiplies, both the
-    group's input rows and its output rows, so a non-finite value stays in the rows it touches. On CPU
-    it always runs; on GPUs it takes over only when a weight is not finite (a check that reads the
-    weights once more). The VJP is written out (ragged_dot_transposes), so reverse mode keeps only the
+    group's input rows and its output rows, so a non-finite value stays in the rows it touches. On GPUs
+    it takes over only when a weight is not finite (a check that reads the weights once more). On CPU,
+    where XLA's ragged_dot costs as much as the masked form (a dense dot per group over all rows), the
+    rows go through jaxmoe/_tiled_dot.py instead: the same selection per block of rows and group, at
+    about the cost of one dense dot. The VJP is written out (ragged_dot_transposes), so reverse mode keeps only the
     operands, never per-group copies.
     """
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
@@ -407,6 +420,6 @@ def moe(x, router_weight, w_gate, w_up, w_down, **options):
     return api.moe(x, router_weight, w_gate, w_up, w_down, **{**options, "implementation": "xla"})
 
 
-__all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "RouterStats", "Routing",
+__all__ = ["MoEAux", "RAGGED_DOT_DIMS", "RAGGED_DOT_DLHS_DIMS", "RAGGED_DOT_DRHS_DIMS", "MoERouting", "RouterStats", "Routing",
            "activation", "expert_ffn", "expert_probs", "finalized", "make_ragged_dot", "moe", "permute_rows",
            "route", "route_with_aux", "route_with_stats", "shared_experts"]

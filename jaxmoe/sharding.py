@@ -1,4 +1,5 @@
-"""Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`.
+"""Expert and data parallelism on a JAX mesh: `jaxmoe.moe(..., mesh=, expert_axis=, data_axis=)`, and
+`jaxmoe.expert_ffn` with the same options for routing done by the caller (steps 2 to 4 below).
 
 Everything goes through JAX's own sharding (a Mesh, `jax.shard_map`, XLA collectives); the per-device
 work is the single-device pipeline (`pipeline.route_tokens`, which gives the routing and its
@@ -51,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxmoe import pipeline, reference
+from jaxmoe import _validate, pipeline, reference
 
 
 def normalize_axes(mesh, expert_axis, data_axis) -> tuple[str | None, tuple[str, ...]]:
@@ -96,51 +97,42 @@ def _explicit_axes(mesh) -> set[str]:
     return {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
 
 
-def _explicit_reshard(a, mesh, spec: P):
-    """Under Explicit mesh axes, shard_map needs its inputs already laid out as in_specs say; Auto axes
-    it reshards itself (and jax.sharding.reshard takes Explicit axes only)."""
+def _explicit_spec(mesh, spec: P) -> NamedSharding:
+    """spec with only the mesh's Explicit axes left in it (the Auto ones are XLA's to place)."""
     explicit = _explicit_axes(mesh)
-    if a is None or not explicit:
-        return a
 
     def keep(entry):
         names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in explicit)
         return names or None
 
-    return jax.sharding.reshard(a, NamedSharding(mesh, P(*(keep(e) for e in spec))))
+    return NamedSharding(mesh, P(*(keep(e) for e in spec)))
+
+
+def _explicit_reshard(a, mesh, spec: P):
+    """Under Explicit mesh axes, shard_map needs its inputs already laid out as in_specs say; Auto axes
+    it reshards itself (and jax.sharding.reshard takes Explicit axes only)."""
+    if a is None or not _explicit_axes(mesh):
+        return a
+    return jax.sharding.reshard(a, _explicit_spec(mesh, spec))
 
 
 def sharded_moe(x, params: pipeline.MoEParams, router, experts, *, routing_fn: Callable, expert_ffn_fn: Callable,
-                mesh, expert_axis, data_axis):
-    """`pipeline.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux)."""
-    d, E = pipeline.check(x, params, router)
-    expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
-    if mesh is None:
-        mesh = _current_mesh(expert_axis, data_axes)
-        normalize_axes(mesh, expert_axis, data_axis)
-    token_axes = (*data_axes, *([expert_axis] if expert_axis else []))
-    shards = math.prod(mesh.shape[a] for a in token_axes)
-    P_e = mesh.shape[expert_axis] if expert_axis else 1
-    if E % P_e:
-        raise ValueError(f"expert_axis={expert_axis!r} has size {P_e}, which does not divide the E={E} experts "
-                         f"(w_gate [E, d, f] = {params.w_gate.shape}): each device must hold E / {P_e} of them")
+                mesh, expert_axis, data_axis, with_routing: bool = False):
+    """`pipeline.moe_pipeline` over a mesh: see the module docstring. Returns (y [..., d], MoEAux), and
+    with with_routing a MoERouting, split over the token axes as y is."""
+    pipeline.check(x, params, router)
+    mesh, expert_axis, token_axes, P_e = _plan(x, params.w_gate, mesh, expert_axis, data_axis)
     lead = x.shape[:-1]
     T = math.prod(lead)
-    if T % shards:
-        sizes = " and ".join(f"{name}={a!r} (size {mesh.shape[a]})"
-                             for name, a in [("data_axis", a) for a in data_axes] + [("expert_axis", expert_axis)]
-                             if a)
-        raise ValueError(f"T={T} tokens (x {x.shape} flattened to [T, d]) do not split evenly over the {shards} "
-                         f"devices of {sizes}")
     if T == 0:  # nothing to distribute
         return pipeline.moe_pipeline(x, params, router, experts, routing_fn=reference.finalized(routing_fn),
-                                     expert_ffn_fn=expert_ffn_fn)
+                                     expert_ffn_fn=expert_ffn_fn, with_routing=with_routing)
 
     # The routed part runs per device; the shared experts (dense, per token) run on x as it is sharded.
     routed = params._replace(shared_w_gate=None, shared_w_up=None, shared_w_down=None, shared_output_gate=None)
 
     def local(x_l, routed):
-        routing, stats = pipeline.route_tokens(x_l, routed, router, routing_fn)
+        logits, routing, stats = pipeline.route_tokens(x_l, routed, router, routing_fn)
         ffn_args = (x_l, routing.weights, routing.ids, routed.w_gate, routed.w_up, routed.w_down)
         if expert_axis is None:
             y = expert_ffn_fn(*ffn_args, 0, *routed.expert_biases, experts=experts)
@@ -148,6 +140,9 @@ def sharded_moe(x, params: pipeline.MoEParams, router, experts, *, routing_fn: C
             y = _expert_parallel_ffn(*ffn_args, routed.expert_biases, expert_axis=expert_axis, devices=P_e,
                                      expert_ffn_fn=functools.partial(expert_ffn_fn, experts=experts))
         stats = jax.lax.psum(stats, token_axes)
+        if with_routing:
+            return y, reference.finalize_aux(stats, router.top_k), reference.MoERouting(logits, routing.ids,
+                                                                                        routing.weights)
         return y, reference.finalize_aux(stats, router.top_k)
 
     tokens = P(token_axes, None)
@@ -159,16 +154,107 @@ def sharded_moe(x, params: pipeline.MoEParams, router, experts, *, routing_fn: C
                               ("b_up", by_expert), ("b_down", by_expert))})
     in_specs = (tokens, param_specs)
     out_specs = (tokens, reference.MoEAux(P(), P(), P()))
-    x2d = _explicit_reshard(x.reshape(T, d), mesh, tokens)
-    routed = type(routed)(*(_explicit_reshard(a, mesh, spec) for a, spec in zip(routed, param_specs)))
-    y, aux = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(x2d, routed)
-    y = pipeline.add_shared(y, x.reshape(T, d), params)
-    if len(lead) == 1:
-        return y, aux
-    # Under Explicit axes a reshape that splits the sharded token dim needs its output sharding named:
-    # y takes x's. Under Auto axes XLA picks.
-    out_sharding = jax.typeof(x).sharding if _explicit_axes(mesh) else None
-    return jnp.reshape(y, (*lead, d), out_sharding=out_sharding), aux
+    if with_routing:
+        out_specs += (reference.MoERouting(tokens, tokens, tokens),)
+    x2d = _flatten_tokens(x, mesh, tokens)
+    args = (_explicit_reshard(x2d, mesh, tokens),
+            type(routed)(*(_explicit_reshard(a, mesh, spec) for a, spec in zip(routed, param_specs))))
+    y, aux, *routing = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                     check_vma=False)(*args)
+    y = pipeline.add_shared(y, x2d, params)
+    if len(lead) > 1:
+        y = _unflatten_tokens(y, x, mesh, token_axes)
+        routing = [reference.MoERouting(*(_unflatten_tokens(a, x, mesh, token_axes) for a in r)) for r in routing]
+    return y, aux, *routing
+
+
+def _plan(x, w_gate, mesh, expert_axis, data_axis):
+    """(mesh, expert_axis, token_axes, P_e): the mesh (mesh= or jax.set_mesh's) and the axes, after
+    checking that E divides over expert_axis and x's T tokens over the token axes."""
+    expert_axis, data_axes = normalize_axes(mesh, expert_axis, data_axis)
+    if mesh is None:
+        mesh = _current_mesh(expert_axis, data_axes)
+        normalize_axes(mesh, expert_axis, data_axis)
+    token_axes = (*data_axes, *([expert_axis] if expert_axis else []))
+    shards = math.prod(mesh.shape[a] for a in token_axes)
+    P_e = mesh.shape[expert_axis] if expert_axis else 1
+    E = w_gate.shape[0]
+    if E % P_e:
+        raise ValueError(f"expert_axis={expert_axis!r} has size {P_e}, which does not divide the E={E} experts "
+                         f"(w_gate [E, d, f] = {w_gate.shape}): each device must hold E / {P_e} of them")
+    T = math.prod(x.shape[:-1])
+    if T % shards:
+        sizes = " and ".join(f"{name}={a!r} (size {mesh.shape[a]})"
+                             for name, a in [("data_axis", a) for a in data_axes] + [("expert_axis", expert_axis)]
+                             if a)
+        raise ValueError(f"T={T} tokens (x {x.shape} flattened to [T, d]) do not split evenly over the {shards} "
+                         f"devices of {sizes}")
+    return mesh, expert_axis, token_axes, P_e
+
+
+def sharded_expert_ffn(x, weights, ids, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, *, experts,
+                       expert_ffn_fn: Callable, mesh, expert_axis, data_axis):
+    """`expert_ffn` over a mesh, for routing done by the caller: x [T, d], weights and ids [T, k] split
+    over the token axes, the expert weights over expert_axis; steps 2 to 4 of the module docstring."""
+    _validate.check_expert_ffn_args(x, weights, ids, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    mesh, expert_axis, token_axes, P_e = _plan(x, w_gate, mesh, expert_axis, data_axis)
+    expert_ffn_fn = functools.partial(expert_ffn_fn, experts=experts)
+    biases = (b_gate, b_up, b_down)
+    if x.shape[0] == 0:  # nothing to distribute
+        return expert_ffn_fn(x, weights, ids, w_gate, w_up, w_down, 0, *biases)
+
+    def local(x_l, weights_l, ids_l, w_gate, w_up, w_down, biases):
+        if expert_axis is None:
+            return expert_ffn_fn(x_l, weights_l, ids_l, w_gate, w_up, w_down, 0, *biases)
+        return _expert_parallel_ffn(x_l, weights_l, ids_l, w_gate, w_up, w_down, biases, expert_axis=expert_axis,
+                                    devices=P_e, expert_ffn_fn=expert_ffn_fn)
+
+    tokens, by_expert = P(token_axes, None), P(expert_axis)
+    bias_specs = tuple(None if b is None else by_expert for b in biases)
+    in_specs = (tokens, tokens, tokens, by_expert, by_expert, by_expert, bias_specs)
+    args = [_explicit_reshard(a, mesh, spec) for a, spec in zip((x, weights, ids, w_gate, w_up, w_down), in_specs)]
+    args.append(tuple(_explicit_reshard(b, mesh, spec) for b, spec in zip(biases, bias_specs)))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens, check_vma=False)(*args)
+
+
+def _flatten_tokens(x, mesh, tokens: P):
+    """x [..., d] -> [T, d]. Under Explicit axes a reshape that merges a sharded dim (x split over S of
+    [B, S, d], say) has no sharding of its own: it is named, the token split shard_map takes next."""
+    T, d = math.prod(x.shape[:-1]), x.shape[-1]
+    if not _explicit_axes(mesh):
+        return x.reshape(T, d)
+    return jnp.reshape(x, (T, d), out_sharding=_explicit_spec(mesh, tokens))
+
+
+def _unflatten_tokens(y, x, mesh, token_axes: tuple[str, ...]):
+    """y [T, n], split over the token axes -> [*lead, n] (lead = x's leading dims).
+
+    Under Auto axes XLA picks the layout. Under Explicit axes the reshape must name one, and splitting a
+    sharded dim into dims that do not each divide by its shards has no natural one (T = 64 over 8
+    devices as [4, 16]): y takes x's layout when x is split on the mesh, else the token axes spread, in
+    order, over the leading dims each divides, and what is left stays replicated."""
+    lead, d = x.shape[:-1], y.shape[-1]
+    if not _explicit_axes(mesh):
+        return jnp.reshape(y, (*lead, d))
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh.empty or sharding.mesh.axis_names != mesh.axis_names or not any(sharding.spec):
+        explicit = [a for a in token_axes if a in _explicit_axes(mesh)]
+        sharding = NamedSharding(mesh, P(*_spread(lead, explicit, mesh), None))
+    elif d != x.shape[-1]:  # the routing's [..., E] and [..., k] take x's layout of the leading dims only
+        sharding = NamedSharding(sharding.mesh, P(*(tuple(sharding.spec) + (None,) * x.ndim)[:len(lead)], None))
+    return jnp.reshape(y, (*lead, d), out_sharding=sharding)
+
+
+def _spread(dims, axes: Sequence[str], mesh) -> list[tuple[str, ...] | None]:
+    """A spec entry per dim: the axes, in order, each dim takes while it still divides by their sizes."""
+    left, entries = list(axes), []
+    for size in dims:
+        taken = []
+        while left and size % mesh.shape[left[0]] == 0:
+            size //= mesh.shape[left[0]]
+            taken.append(left.pop(0))
+        entries.append(tuple(taken) or None)
+    return entries
 
 
 def _expert_parallel_ffn(x, weights, ids, w_gate, w_up, w_down, biases, *, expert_axis: str, devices: int,

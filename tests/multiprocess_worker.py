@@ -134,7 +134,7 @@ def loss_of(y, aux, g):
 def moe_value_and_grad(x, router, w_gate, w_up, w_down, bias, g, **options):
     """((y, aux), gradients in x, router, w_gate, w_up, w_down and bias)."""
     def loss(x, router, w_gate, w_up, w_down, bias):
-        y, aux = jaxmoe.moe(x, router, w_gate, w_up, w_down, top_k=K, bias=bias, **options)
+        y, aux = jaxmoe.moe(x, router, w_gate, w_up, w_down, top_k=K, selection_bias=bias, **options)
         return loss_of(y, aux._asdict(), g), (y, aux._asdict())
     (_, out), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(x, router, w_gate, w_up, w_down,
                                                                                 bias)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -482,6 +483,34 @@ def test_float32_follows_default_matmul_precision(impl):
         assert rel_err(run(impl, p), exact) <= 1e-5
     with jax.default_matmul_precision("default"):
         assert rel_err(run(impl, p), exact) <= 2e-3
+
+
+def test_interpreted_launches_raise_no_numpy_warnings():
+    """Triton's interpreter computes in numpy, which warns where a GPU just computes: log(0) of the
+    routing kernel's masked-off rows (12 tokens fill part of a block), Inf - Inf and 0 * Inf of an Inf
+    input, a max over a NaN token's logits. The launches keep those warnings to themselves."""
+    p = Problem(41, 12, 16, 24, 4, 2)
+    router = jax.random.normal(jax.random.key(8), (p.d, p.E))
+    w_gate = p.w_gate.at[1, 3, 5].set(jnp.inf)
+    x = p.x.at[5, 2].set(jnp.nan)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.block_until_ready(jax.jit(lambda x: jaxmoe.moe(x, router, w_gate, p.w_up, p.w_down, top_k=2,
+                                                           implementation="interpret"))(x))
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.default_precision
+def test_interpret_on_a_cpu_is_exact_float32_like_xla():
+    """XLA's CPU dots are exact float32 at every precision setting, so at JAX's default "interpret" on a
+    CPU takes no tf32 operands either: it matches "xla" there, forward and gradients, to float32's
+    rounding (tf32 operands were 5e-4 apart)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA's CPU precision")
+    p = Problem(28, 16, 64, 48, 4, 2)
+    assert rel_err(run("interpret", p), run("xla", p)) <= 1e-6
+    for name, a, b in zip(GRAD_NAMES, grads("interpret", p), grads("xla", p)):
+        assert rel_err(a, b) <= 1e-6, name
 
 
 def _nonfinite_rows(a, axis=-1):

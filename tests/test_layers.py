@@ -1,7 +1,6 @@
 """MoELayer in flax.nnx and flax.linen: parameters, metadata, sown aux, jit, training, options."""
 
 import functools
-import inspect
 import re
 
 import flax.linen as nn
@@ -27,6 +26,10 @@ SHARED_AXES = {
     "shared_w_up": ("embed", "mlp"),
     "shared_w_down": ("mlp", "embed"),
 }
+
+
+# What every call sows: the aux losses and counts, then the routing.
+SOWN = jaxmoe.MoEAux._fields + jaxmoe.reference.MoERouting._fields
 
 
 def make_nnx(seed=0, **options):
@@ -112,21 +115,31 @@ def test_nnx_and_linen_agree_given_the_same_parameters(num_shared_experts):
     np.testing.assert_array_equal(y_twin, y)
     aux = captured_aux(intermediates)
     aux_twin = {name: values[0] for name, values in state["intermediates"].items()}
-    assert aux_twin.keys() == aux.keys() == set(jaxmoe.MoEAux._fields)
+    assert aux_twin.keys() == aux.keys() == set(SOWN)
     for name in aux:
         np.testing.assert_array_equal(aux_twin[name], aux[name])
 
 
-def test_sown_aux_is_moes_aux():
+def test_sown_aux_and_routing_are_moes():
+    """The layer sows moe's aux losses and counts, and what it routed: the router logits x @ router and
+    route()'s ids and weights, with x's leading dims."""
     layer = make_nnx()
     x = tokens()
     _, intermediates = run(layer, x)
     params = nnx_params(layer)
-    _, expected = moe(x, params["router"], params["w_gate"], params["w_up"], params["w_down"])
+    moe_and_routing = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla", return_routing=True))
+    _, expected, routing = moe_and_routing(x, params["router"], params["w_gate"], params["w_up"], params["w_down"])
     aux = captured_aux(intermediates)
-    for name, value in expected._asdict().items():
-        np.testing.assert_array_equal(aux[name], value)
+    assert aux.keys() == set(SOWN)
+    for name, value in {**expected._asdict(), **routing._asdict()}.items():
+        np.testing.assert_array_equal(aux[name], value, err_msg=name)
     assert int(aux["expert_counts"].sum()) == x.shape[0] * x.shape[1] * K
+    with jax.default_matmul_precision("highest"):
+        logits = jnp.einsum("bsd,de->bse", x, params["router"])
+    want = jaxmoe.route(logits.reshape(-1, E), K)
+    np.testing.assert_allclose(aux["router_logits"], logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(aux["routing_ids"], want.ids.reshape(*x.shape[:-1], K))
+    np.testing.assert_allclose(aux["routing_weights"], want.weights.reshape(*x.shape[:-1], K), rtol=1e-5)
 
 
 def test_sown_aux_collects_one_entry_per_call():
@@ -139,12 +152,31 @@ def test_sown_aux_collects_one_entry_per_call():
     assert len(intermediates["router_z_loss"].get_value()) == 2
 
 
-@pytest.mark.skipif("capture_noop" not in inspect.signature(nnx.Module.sow).parameters,
-                    reason="flax < 0.12.11 stores sown values on the module outside nnx.capture")
 def test_a_plain_call_records_nothing():
     layer = make_nnx()
     layer(tokens())
     assert not nnx.state(layer, nnx.Intermediate)
+
+
+def test_a_plain_nnx_jit_loop_traces_once(monkeypatch):
+    """nnx.jit of the layer, or of a function of it, outside nnx.capture: the module does not change
+    between calls (nothing sown piles up on it), so each traces once, on every flax we support; and
+    nnx.capture still records after that."""
+    traces = []
+    apply = jaxmoe.layers.moe_layer_apply
+    monkeypatch.setattr(jaxmoe.layers, "moe_layer_apply", lambda *a, **kw: traces.append(1) or apply(*a, **kw))
+    layer, x = make_nnx(), tokens()
+    forward = nnx.jit(lambda layer, x: layer(x))
+    for _ in range(3):
+        forward(layer, x)
+    assert len(traces) == 1
+    jitted_layer = nnx.jit(layer)
+    for _ in range(3):
+        jitted_layer(x)
+    assert len(traces) == 2
+    assert not nnx.state(layer, nnx.Intermediate)
+    _, intermediates = run(layer, x)
+    assert len(intermediates["expert_counts"].get_value()) == 1
 
 
 def test_linen_sows_only_into_a_mutable_collection():
@@ -152,7 +184,7 @@ def test_linen_sows_only_into_a_mutable_collection():
     variables = twin.init(jax.random.key(0), tokens())
     assert "intermediates" not in variables  # init's intermediates are not returned to keep
     _, state = twin.apply(variables, tokens(), mutable=["intermediates"])
-    assert set(state["intermediates"]) == set(jaxmoe.MoEAux._fields)
+    assert set(state["intermediates"]) == set(SOWN)
 
 
 def test_eager_matches_jit():
@@ -237,7 +269,8 @@ BAD_OPTIONS = [
                                                "got 'bogus'"),
     (dict(dtype=jnp.int32), ValueError, "dtype must be None or float32, bfloat16 or float16, got int32"),
     (dict(dtype="bogus"), ValueError, "dtype must be None or float32, bfloat16 or float16, got 'bogus'"),
-    (dict(param_dtype=jnp.int8), ValueError, "param_dtype must be a float dtype, got int8"),
+    (dict(param_dtype=jnp.int8), ValueError, "param_dtype must be float32, bfloat16 or float16, got int8"),
+    (dict(param_dtype=np.float64), ValueError, "param_dtype must be float32, bfloat16 or float16, got float64"),
 ]
 
 

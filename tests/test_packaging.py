@@ -4,6 +4,7 @@ are the tested GPU-image stack; jaxmoe installs without triton and never breaks 
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -27,9 +28,21 @@ def test_wheel_contents(tmp_path):
     for kernel in ("routing", "dispatch", "grouped_gemm", "combine"):
         assert f"jaxmoe/kernels/{kernel}.py" in names
     assert "jaxmoe/tuned_configs.json" in names
+    assert "jaxmoe/py.typed" in names  # PEP 561: type checkers read jaxmoe's annotations
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    metadata = zipfile.ZipFile(wheel).read(metadata).decode()
+    for classifier in ("Typing :: Typed", "Programming Language :: Python :: 3.12"):
+        assert f"Classifier: {classifier}" in metadata
     (license,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     assert "Apache License" in zipfile.ZipFile(wheel).read(license).decode()
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_readme_links_work_off_the_repository():
+    """The README is the package's long description (PyPI shows it without the repository): every
+    link in it is an absolute URL, none a path into the source tree."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", (REPO / "README.md").read_text())
+    assert all(t.startswith(("https://", "http://")) for t in targets), targets
 
 
 def test_kernels_import_no_jax():
@@ -74,6 +87,12 @@ except ImportError as err:
     assert "jaxmoe[gpu]" in str(err), err
 else:
     raise AssertionError("interpret ran without triton")
+try:  # on a CPU, "triton" points to "interpret": the message says that one needs the extra too
+    jaxmoe.moe(x, *args, top_k=2, implementation="triton")
+except ValueError as err:
+    assert "'interpret'" in str(err) and "gpu extra" in str(err) and "jaxmoe[gpu]" in str(err), err
+else:
+    raise AssertionError("triton ran without triton")
 """
     subprocess.run([sys.executable, "-c", code], check=True)
 

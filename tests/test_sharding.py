@@ -5,6 +5,7 @@ Every sharded result (output, aux losses, every gradient) is held against the si
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 
@@ -157,6 +158,52 @@ def test_local_expert_range(impl):
     assert (np.asarray(got[1])[~np.asarray(local)] == 0).all()
 
 
+@functools.cache
+def _custom_routing():
+    """Routing done outside jaxmoe.moe, as `route` + `expert_ffn` users do: (weights, ids)."""
+    (x, router, *_), _ = problem()
+    routing = jaxmoe.route(x @ router, K, scoring="sigmoid")
+    return routing.weights, routing.ids
+
+
+def _expert_ffn_value_and_grads(impl, x, weights, w_gate, w_up, w_down, **options):
+    _, g = problem()
+    ids = _custom_routing()[1]
+
+    def loss(x, weights, w_gate, w_up, w_down):
+        y = jaxmoe.expert_ffn(x, weights, ids, w_gate, w_up, w_down, implementation=impl, **options)
+        return jnp.sum(y * g), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(x, weights, w_gate, w_up, w_down)
+
+
+@pytest.mark.parametrize("impl, dp, ep, axis_type", [("xla", 2, 4, AxisType.Auto), ("xla", 1, 8, AxisType.Explicit),
+                                                     ("xla", 4, 1, AxisType.Explicit),
+                                                     ("interpret", 1, 2, AxisType.Auto)])
+def test_expert_ffn_matches_one_device(impl, dp, ep, axis_type):
+    """`expert_ffn` with mesh, expert_axis and data_axis, after the caller's own routing: y and the
+    gradients in x, the routing weights and the expert weights equal one device's. Auto axes get mesh=
+    and inputs laid out as expert_ffn splits them; Explicit ones jax.set_mesh and inputs not placed."""
+    (x, _, w_gate, w_up, w_down), _ = problem()
+    weights = _custom_routing()[0]
+    (_, y_ref), want = _expert_ffn_value_and_grads("xla", x, weights, w_gate, w_up, w_down)
+    mesh = make_mesh(dp, ep, axis_type)
+    args = (x, weights, w_gate, w_up, w_down)
+    options = axes(dp, ep)
+    if axis_type == AxisType.Auto:
+        tokens, experts = NamedSharding(mesh, P(("data", "expert"))), NamedSharding(mesh, P(options["expert_axis"]))
+        args = jax.device_put(args, (tokens, tokens, experts, experts, experts))
+        (_, y), got = _expert_ffn_value_and_grads(impl, *args, mesh=mesh, **options)
+    else:
+        with jax.set_mesh(mesh):
+            (_, y), got = _expert_ffn_value_and_grads(impl, *args, **options)
+    assert_close(y, y_ref, jnp.float32)
+    for name, a, b in zip(("x", "weights", "w_gate", "w_up", "w_down"), got, want):
+        assert rel_err(a, b) <= 1e-5, f"d{name}: {rel_err(a, b):.3g}"
+    if ep > 1:
+        assert got[2].sharding.spec[0] == "expert"
+
+
 def _axis_types_loss(x, router, w_gate, w_up, w_down, **options):
     y, aux = jaxmoe.moe(x, router, w_gate, w_up, w_down, top_k=K, implementation="xla", **options)
     return jnp.sum(y * y) + aux.load_balancing_loss + 0.1 * aux.router_z_loss  # no cancellation in the sum
@@ -182,6 +229,51 @@ def test_axis_types(axis_type):
         assert rel_err(a, b) <= 1e-5, i
     if axis_type == AxisType.Explicit:
         assert jax.typeof(got[1][2]).sharding.spec[0] == "expert"
+
+
+def _batch_of_4():
+    """x [4, 16, d]: 64 tokens split 8 ways, but B = 4 is not a multiple of the 8 token shards."""
+    (x, router, w_gate, w_up, w_down), _ = problem()
+    return x.reshape(4, 16, D), router, w_gate, w_up, w_down
+
+
+# Each of eager/jit and mesh=/set_mesh once with x unplaced and once with x split over S.
+@pytest.mark.parametrize("how, placement", [("eager, mesh=", None), ("jit, set_mesh", None),
+                                            ("jit, mesh=", P(None, ("data", "expert"))),
+                                            ("eager, set_mesh", P(None, ("data", "expert")))])
+def test_explicit_axes_3d_batch(how, placement):
+    """On Explicit axes (jax.make_mesh's default), x [B, S, d] with B not a multiple of the token shards,
+    not placed on the mesh or split over S: the output and the routing equal one device's, in a layout
+    over the mesh."""
+    x, *weights = _batch_of_4()
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    if placement is not None:
+        x = jax.device_put(x, NamedSharding(mesh, placement))
+    in_context = "set_mesh" in how
+    run = functools.partial(jaxmoe.moe, top_k=K, implementation="xla", expert_axis="expert", data_axis="data",
+                            mesh=None if in_context else mesh, return_routing=True)
+    run = jax.jit(run) if how.startswith("jit") else run
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+        y, aux, routing = run(x, *weights)
+    y_ref, aux_ref, routing_ref = jax.jit(functools.partial(jaxmoe.moe, top_k=K, implementation="xla",
+                                                            return_routing=True))(*_batch_of_4())
+    assert y.shape == (4, 16, D) and y.sharding.mesh.shape == mesh.shape
+    assert_close(y, y_ref, jnp.float32)
+    np.testing.assert_array_equal(aux.expert_counts, aux_ref.expert_counts)
+    for got, want in zip(routing, routing_ref):
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-6
+
+
+def test_explicit_axes_linen_init_3d_batch():
+    """linen init and apply of a sharded layer on Explicit axes, with x [4, 16, d] not placed (under jit:
+    eagerly they take the path of test_explicit_axes_3d_batch's eager cases)."""
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    x = _batch_of_4()[0]
+    layer = jaxmoe.linen.MoELayer(D, F, E, K, implementation="xla")
+    sharded = jaxmoe.linen.MoELayer(D, F, E, K, implementation="xla", mesh=mesh, expert_axis="expert",
+                                    data_axis="data")
+    variables = jax.jit(sharded.init)(jax.random.key(0), x)
+    assert_close(jax.jit(sharded.apply)(variables, x), jax.jit(layer.apply)(variables, x), jnp.float32)
 
 
 RULES = (("expert", "expert"), ("embed", None), ("mlp", None))
@@ -236,8 +328,9 @@ def test_linen_layer_on_a_mesh():
 
     (y, state), (y_ref, state_ref) = apply(sharded, placed), apply(layer, variables)
     assert_close(y, y_ref, jnp.float32)
-    for name in jaxmoe.MoEAux._fields:
-        assert rel_err(state["intermediates"][name][0], state_ref["intermediates"][name][0]) <= 1e-6
+    for name in jaxmoe.MoEAux._fields + jaxmoe.reference.MoERouting._fields:  # the routing as sown too
+        got, want = state["intermediates"][name][0], state_ref["intermediates"][name][0]
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-6, name
 
 
 def test_errors_name_the_axes():

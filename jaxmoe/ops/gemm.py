@@ -24,15 +24,27 @@ from jaxmoe.ops.dispatch import Dispatch, dispatch_bucket
 
 
 def dot_precision(dtype, mode: str) -> str:
-    """tl.dot input precision for float32 operands, following jax.default_matmul_precision as XLA does."""
+    """tl.dot input precision for float32 operands, following jax.default_matmul_precision as XLA does on
+    the backend that runs the program: on a GPU the default takes tf32 operands; XLA's CPU dots are
+    exact float32 at every setting, so "interpret" on a CPU is too ("xla" and "interpret" agree there)."""
     if jnp.dtype(dtype) != jnp.float32:
         return "ieee"  # unused for 16-bit operands
+    if mode == "interpret" and _program_platform() == "cpu":
+        return "ieee"
     setting = str(jax.config.jax_default_matmul_precision or "default").lower()
     if setting in ("highest", "float32"):
         return "ieee"
     if setting in ("high", "bfloat16_3x", "tensorfloat32_3x"):
         return "ieee" if on_rocm(mode) else "tf32x3"  # AMD's Triton backend has no tf32x3
     return "tf32"
+
+
+def _program_platform() -> str:
+    """The platform jitted code runs on: jax.default_device's when set, else the default backend's."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
 
 
 def on_rocm(mode: str) -> bool:
