@@ -19,6 +19,8 @@ time matters): name them, e.g. `--shapes deepseek_v3,gpt_oss_120b`.
                 and is left out, so the cell times the routed layer, as the other shapes do.
   gpt_oss_120b  gpt-oss-120b's layer: a router bias, softmax over the 4 picked logits (= the renormalised
                 softmax), clamped SwiGLU (alpha 1.702, limit 7) with biases on gate, up and down.
+  deepseek_v3_plain, gpt_oss_120b_plain: the same dims as the plain layer (tagged "plain_twin", also run
+                only when named), to measure what the options cost.
   tiny_deepseek_v3, tiny_gpt_oss: the same options at CPU size, for tests/test_benchmarks.py.
 """
 
@@ -96,6 +98,10 @@ SHAPES: dict[str, MoEShape] = {
                  router=Router(8, **_DEEPSEEK_V3_ROUTER), selection_bias=True),
         MoEShape("gpt_oss_120b", E=128, k=4, d=2880, f=2880, tags=("gpu", "model", "options"),
                  router_bias=True, experts=_GPT_OSS_EXPERTS, expert_biases=True),
+        # The same dims with the plain layer (softmax top-k, SwiGLU, no biases): the options' cost is the
+        # difference between the two rows of one sweep.
+        MoEShape("deepseek_v3_plain", E=256, k=8, d=7168, f=2048, tags=("gpu", "model", "plain_twin")),
+        MoEShape("gpt_oss_120b_plain", E=128, k=4, d=2880, f=2880, tags=("gpu", "model", "plain_twin")),
         MoEShape("tiny", E=8, k=2, d=128, f=256, tags=("cpu", "smoke")),
         # 4 groups of 2 experts, 2 kept: top2_sum is each group's sum, and k=2 of the 4 candidates.
         MoEShape("tiny_deepseek_v3", E=8, k=2, d=128, f=256, tags=("cpu", "smoke", "options"),
@@ -107,7 +113,8 @@ SHAPES: dict[str, MoEShape] = {
 }
 
 # Defaults of the sweep: shapes tagged "options" run only when named.
-GPU_SHAPES = tuple(name for name, s in SHAPES.items() if "gpu" in s.tags and "options" not in s.tags)
+GPU_SHAPES = tuple(name for name, s in SHAPES.items()
+                   if "gpu" in s.tags and "options" not in s.tags and "plain_twin" not in s.tags)
 CPU_SHAPES = tuple(name for name, s in SHAPES.items() if "cpu" in s.tags and "options" not in s.tags)
 OPTION_SHAPES = tuple(name for name, s in SHAPES.items() if "gpu" in s.tags and "options" in s.tags)
 GPU_TOKENS = (16, 64, 128, 512, 2048, 8192)
