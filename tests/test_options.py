@@ -479,3 +479,17 @@ def test_update_selection_bias():
     counts = jnp.array([1, 5, 2, 4])  # mean 3
     np.testing.assert_allclose(jaxmoe.update_selection_bias(bias, counts, 0.01), [0.01, 0.09, -0.09, -0.01],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_options_under_vmap_and_scan(impl):
+    """vmap over a batch of inputs (folded into tokens) and scan over it give what one call per element
+    gives, with expert biases, the clamp and the weight on the input in play."""
+    x, arrays, router, experts = layer_arrays("gpt_oss")
+    experts = Experts("clamped_swiglu", limit=0.5, weight_on="input")
+    moe = functools.partial(jaxmoe.moe, **arrays, router=router, experts=experts, implementation=impl)
+    per_element = jnp.stack([moe(x[i])[0] for i in range(x.shape[0])])
+    vmapped = jax.jit(jax.vmap(lambda xi: moe(xi)[0]))(x)
+    _, scanned = jax.jit(lambda xs: jax.lax.scan(lambda c, xi: (c, moe(xi)[0]), 0, xs))(x)
+    np.testing.assert_allclose(np.asarray(vmapped), np.asarray(per_element), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(per_element), rtol=1e-5, atol=1e-5)
