@@ -79,7 +79,7 @@ from jaxmoe import pipeline
 
 from benchmarks import shapes as shapes_lib
 from benchmarks.peers import IMPLS, PASSES, PEERS, impl_availability, make_forward, make_gemm_roof, make_step
-from benchmarks.report import fmt_num, format_table, header_line, memory_line, write_plot
+from benchmarks.report import fmt_num, format_table, format_twin_table, header_line, memory_line, write_plot
 from benchmarks.timing import measure_ceilings, planned_memory, time_fn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -442,6 +442,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     log("")
     log(header_line(env, ceilings))
     log(format_table(rows))
+    twins = format_twin_table(rows)
+    if twins:
+        log("")
+        log("the options against the plain twin (triton; equal-work cost = plain limit/ms / limit/ms - 1):")
+        log(twins)
     if not on_gpu:
         log("(CPU run: the triton and tokamax rows need a GPU)")
 

@@ -76,6 +76,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+TWIN_SUFFIX = "_plain"
+TWIN_HEADERS = ["shape", "T", "pass", "ms", "plain ms", "ms ratio", "limit/ms", "plain limit/ms", "equal-work cost"]
+
+
+def format_twin_table(rows: list[dict]) -> str:
+    """What a shape's options cost beside its plain twin (the shape named + "_plain": same dims, plain
+    layer), triton rows of one run. "ms ratio" compares raw times, but the two layers route differently,
+    so at small T they send tokens to different numbers of experts and read different bytes (decode is
+    HBM-bound). "equal-work cost" compares each against its own roof, which counts the experts it reached
+    and the bias bytes: plain limit/ms over the options' limit/ms, minus one. Empty when no pair ran."""
+    triton = {(r["shape"], r["T"], r["pass"]): r for r in rows if r["impl"] == "triton" and not r.get("error")}
+    body = []
+    for (shape, T, pass_), r in triton.items():
+        twin = triton.get((shape + TWIN_SUFFIX, T, pass_))
+        if twin is None:
+            continue
+        cost = (twin["limit_frac"] / r["limit_frac"] - 1) if r.get("limit_frac") and twin.get("limit_frac") else None
+        body.append([shape, str(T), pass_, f"{r['ms']:.4f}", f"{twin['ms']:.4f}", f"{r['ms'] / twin['ms']:.3f}",
+                     _fmt(r.get("limit_frac"), ".3f"), _fmt(twin.get("limit_frac"), ".3f"),
+                     "-" if cost is None else f"{cost:+.1%}"])
+    if not body:
+        return ""
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(TWIN_HEADERS)]
+    lines = ["  ".join(c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+             for cells in [TWIN_HEADERS, ["-" * w for w in widths], *body]]
+    return "\n".join(lines)
+
+
 def header_line(env: dict, ceilings: dict | None) -> str:
     s = (f"card: {env['card']} | jax {env['jax']} (jaxlib {env['jaxlib']}) | triton {env['triton']} | "
          f"jax-triton {env['jax_triton']} | {env['date']} | commit {env['commit']}")

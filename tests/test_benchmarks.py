@@ -320,3 +320,16 @@ def test_cpu_sweep_runs_the_option_shapes(tmp_path):
         assert r["options"] == shape.describe() != "plain"
         assert r["bytes"] == bench.count_bytes(shape, 16, r["active_experts"], r["pass"])
         assert 1 <= r["active_experts"] <= shape.E
+
+
+def test_twin_table_compares_at_equal_work():
+    """The options' cost beside the plain twin counts each layer's own roof: the options row reached more
+    experts (a higher roof), so its raw time is 10% longer but its cost at equal work is 0."""
+    row = lambda shape, ms, limit_ms, impl="triton": {"shape": shape, "T": 16, "pass": "fwd", "impl": impl, "ms": ms,
+                                                      "limit_ms": limit_ms, "limit_frac": limit_ms / ms}
+    rows = [row("gpt", 1.1, 0.99), row("gpt_plain", 1.0, 0.9), row("gpt", 3.0, 0.99, impl="xla"),
+            row("other", 1.0, 0.5)]
+    lines = report.format_twin_table(rows).splitlines()
+    assert len(lines) == 3  # header, rule, the one pair (no twin for "other", xla rows left out)
+    assert lines[2].split() == ["gpt", "16", "fwd", "1.1000", "1.0000", "1.100", "0.900", "0.900", "+0.0%"]
+    assert report.format_twin_table([row("other", 1.0, 0.5)]) == ""
