@@ -147,6 +147,8 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, sco
         it per token by sigmoid(x @ shared_output_gate) (Qwen2-MoE).
       implementation: as in `expert_ffn`.
       mesh: a `jax.sharding.Mesh` to run on; None takes the mesh of `jax.set_mesh` when an axis is named.
+        With no mesh and no axes named, an x split over Explicit mesh axes on its token dims runs
+        data-parallel over those axes (data_axis = them), its output split as x was.
       expert_axis: the mesh axis the experts are split over (expert parallelism): each of its P devices
         holds E / P experts and tokens are exchanged with all_to_all. None: no expert parallelism.
       data_axis: a mesh axis (or a sequence of them) the tokens are split over, weights replicated.
@@ -164,6 +166,10 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, sco
     params = pipeline.MoEParams(router_weight, w_gate, w_up, w_down, router_bias, selection_bias, b_gate, b_up,
                                 b_down, shared_w_gate, shared_w_up, shared_w_down, shared_output_gate)
     stages = _stages(implementation)
+    if mesh is None and expert_axis is None and data_axis is None:
+        implied = sharding.implied_data_axes(x)
+        if implied is not None:  # x split over Explicit axes: data-parallel over them
+            mesh, data_axis = implied
     if mesh is None and expert_axis is None and data_axis is None:
         return pipeline.moe_pipeline(x, params, router, experts, routing_fn=stages.route_with_aux,
                                      expert_ffn_fn=stages.expert_ffn, with_routing=return_routing)

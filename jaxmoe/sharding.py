@@ -85,6 +85,33 @@ def normalize_axes(mesh, expert_axis, data_axis) -> tuple[str | None, tuple[str,
     return expert_axis, data_axes
 
 
+def implied_data_axes(x):
+    """(mesh, data axes) when x [..., d] comes split over Explicit mesh axes on its token dims and the
+    caller named no axes: the layer then runs data-parallel over those axes, as any jnp function would
+    follow x's sharding (the plain pipeline's scatters cannot: an Explicit sharding needs their output
+    sharding spelt out). None when x carries no such split. The mesh is x's own (a concrete one when x
+    is a placed array, else the jit context's or x's abstract one)."""
+    spec = getattr(jax.typeof(x), "sharding", None)
+    if spec is None or spec.mesh.empty:
+        return None
+    explicit = _explicit_axes(spec.mesh)
+    axes = []
+    for entry in tuple(spec.spec)[:x.ndim - 1]:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None and axis in explicit and axis not in axes:
+                axes.append(axis)
+    if not axes:
+        return None
+    try:  # a placed array, or an eager transformation's tracer of one, knows its devices
+        concrete = x.sharding
+    except Exception:  # a jit tracer does not: the abstract mesh serves there
+        concrete = None
+    if isinstance(concrete, NamedSharding) and not concrete.mesh.abstract_mesh.empty:
+        return concrete.mesh, tuple(axes)
+    context = jax.sharding.get_abstract_mesh()
+    return (None if not context.empty else spec.mesh), tuple(axes)
+
+
 def _current_mesh(expert_axis, data_axes):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

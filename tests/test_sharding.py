@@ -264,6 +264,38 @@ def test_explicit_axes_3d_batch(how, placement):
         assert got.shape == want.shape and rel_err(got, want) <= 1e-6
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("how, placement", [("eager", P(None, ("data", "expert"))), ("jit", P("data", "expert")),
+                                            ("eager, set_mesh", P("data")), ("jit, set_mesh", P(None, "expert"))])
+def test_x_split_over_explicit_axes_with_no_axes_named(impl, how, placement):
+    """x [B, S, d] split over Explicit axes on its token dims, no mesh= and no axes named (with and
+    without jax.set_mesh): the layer runs data-parallel over x's axes, as any jnp function follows x's
+    split. The output, its gradient in x and the aux losses equal one device's, and y is split as x.
+    (Eagerly without set_mesh the forward alone: JAX's own eager grad of an Explicit array needs set_mesh.)"""
+    x, *weights = _batch_of_4()
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2)
+    xs = jax.device_put(x, NamedSharding(mesh, placement))
+
+    def loss(x, *weights):
+        y, aux = jaxmoe.moe(x, *weights, top_k=K, implementation=impl)
+        return jnp.sum(y * y) + aux.load_balancing_loss, y
+
+    (value_ref, y_ref), dx_ref = jax.jit(jax.value_and_grad(loss, has_aux=True))(x, *weights)
+    if how == "eager":
+        value, y = loss(xs, *weights)
+        dx = None
+    else:
+        run = jax.value_and_grad(loss, has_aux=True)
+        run = jax.jit(run) if how.startswith("jit") else run
+        with jax.set_mesh(mesh) if "set_mesh" in how else contextlib.nullcontext():
+            (value, y), dx = run(xs, *weights)
+    assert tuple(y.sharding.spec)[:2] == tuple(placement)[:2] + (None,) * (2 - len(placement))
+    assert_close(y, y_ref, jnp.float32)
+    assert rel_err(value, value_ref) <= 1e-6
+    if dx is not None:
+        assert_close(dx, dx_ref, jnp.float32)
+
+
 def test_explicit_axes_linen_init_3d_batch():
     """linen init and apply of a sharded layer on Explicit axes, with x [4, 16, d] not placed (under jit:
     eagerly they take the path of test_explicit_axes_3d_batch's eager cases)."""
