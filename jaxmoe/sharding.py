@@ -91,6 +91,8 @@ def implied_data_axes(x):
     follow x's sharding (the plain pipeline's scatters cannot: an Explicit sharding needs their output
     sharding spelt out). None when x carries no such split. The mesh is x's own (a concrete one when x
     is a placed array, else the jit context's or x's abstract one)."""
+    if not isinstance(x, jax.Array):  # numpy arrays (and bad inputs, left to the checks) carry no split
+        return None
     spec = getattr(jax.typeof(x), "sharding", None)
     if spec is None or spec.mesh.empty:
         return None
