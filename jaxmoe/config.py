@@ -32,9 +32,6 @@ class GemmConfig:
     split_k: int = 1  # K slices summed by the combine; only the down projection (no epilogue) uses it
     split_m: int = 1  # row tiles per dispatch row block: this GEMM's tiles have block_m / split_m rows
     tma: bool = False  # weights (and the down projection's sorted rows) through TMA tensor descriptors
-    # with tma: Triton's warp-specialised K loop (producer warps issue the descriptor loads, consumer
-    # warps multiply); off unless a measured table entry turns it on
-    warp_specialize: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,15 +154,13 @@ def accumulate(acc, a_ptr, a_rows, row_ok, stride_am, b_ptr, cols, col_ok, k_fir
 
 @triton.jit
 def accumulate_tma(acc, acc2, a_desc, a_ptr, a_rows, row_ok, stride_am, first_row, b_desc, b2_desc, b_row, col,
-                   k_first, k_last, BLOCK_K: tl.constexpr, TMA_A: tl.constexpr, GATED: tl.constexpr,
-                   WARP_SPEC: tl.constexpr):
+                   k_first, k_last, BLOCK_K: tl.constexpr, TMA_A: tl.constexpr, GATED: tl.constexpr):
     """acc (+ acc2 if GATED) += A[rows, k_first:k_last] @ B_2d[b_row + k_first : b_row + k_last, col:] (and B2),
     the weights through their descriptors; A through its descriptor from first_row if TMA_A, else
-    gathered at a_rows. One A tile serves both weights. WARP_SPEC: Triton splits the loop into load and
-    multiply warp groups (same products in the same order: the result does not change)."""
+    gathered at a_rows. One A tile serves both weights."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
-    for k0 in tl.range(k_first, k_last, BLOCK_K, warp_specialize=WARP_SPEC):
+    for k0 in range(k_first, k_last, BLOCK_K):
         if TMA_A:
             a = a_desc.load([first_row, k0])
         else:
@@ -226,7 +224,6 @@ def grouped_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,  # B (and A unless GATHER_A) through tensor descriptors: 16-bit, EVEN_K, no CONCAT_K
     E: tl.constexpr,  # experts in B (read only with TMA: the descriptor's row count)
-    WARP_SPEC: tl.constexpr,  # with TMA: the K loop warp-specialised (GemmConfig.warp_specialize)
 ):
     tile_m, tile_n = program_tile(n_blocks * SPLIT_M, N, BLOCK_N, GROUP_M)
     expert, first_row, end_row = tile_start(tile_m, block_experts_ptr, block_rows_ptr, expert_offsets_ptr,
@@ -260,7 +257,7 @@ def grouped_gemm_kernel(
                                                block_shape=[BLOCK_M, BLOCK_K])
         acc, acc2 = accumulate_tma(acc, acc2, a_desc, a_ptr, a_rows, row_ok, stride_am, first_row, b_desc, b2_desc,
                                    expert.to(tl.int32) * K, tile_n * BLOCK_N, k_first, k_last, BLOCK_K,
-                                   not GATHER_A, GATED, WARP_SPEC)
+                                   not GATHER_A, GATED)
     elif GATED:
         # The A tile is loaded once for both weights, so this loop is written out rather than
         # calling accumulate() twice.

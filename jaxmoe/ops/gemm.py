@@ -117,8 +117,7 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         WEIGHT_ON_INPUT=weight_on_input, HAS_BIAS=has_bias, **epilogue, CONCAT_K=concat_k,
         EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
-        DOT_PRECISION=precision, TMA=tma, E=E if tma else 0,  # E only shapes descriptors: no compile per E
-        WARP_SPEC=tma and gemm.warp_specialize)
+        DOT_PRECISION=precision, TMA=tma, E=E if tma else 0)  # E only shapes descriptors: no compile per E
     if store_preact:
         return out, clamps if clamped else None
     return out
