@@ -64,6 +64,21 @@ def _jax_triton():
     return jax_triton, "out_type" if new_api else "out_shape", not new_api
 
 
+# Triton compile options every launch names, not left to Triton's defaults. enable_fp_fusion (a*b+c as
+# one FMA): Triton 3.9 warns when it is left unset, and 3.10 turns its default off; every GPU test and
+# number so far ran with it on (the default up to 3.9), so it stays on until a measured change says
+# otherwise. jax-triton 0.3.x takes it as a keyword, 0.4.x inside backend_options. The portability
+# gate compiles with the same options (portability.compile_record).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+def _compile_options_kwargs(jax_triton) -> dict:
+    params = inspect.signature(jax_triton.triton_call).parameters
+    if "backend_options" in params:
+        return {"backend_options": dict(COMPILE_OPTIONS)}
+    return dict(COMPILE_OPTIONS)
+
+
 def _register_dce_rule(kernel_call_p) -> None:
     """Dead-code elimination of a kernel call that works with every supported jax.
 
@@ -217,7 +232,8 @@ def _launch_triton(kernel, args, grid, out_shapes, num_warps, num_stages, scratc
         _SCRATCH_KERNELS.add(kernel.fn)
         shapes.append(jax.ShapeDtypeStruct((math.prod(grid) * scratch_per_program,), np.int8))
     outs = jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                          zeroed_outputs=tuple(zeroed_outputs), **{out_keyword: shapes}, **constexprs)
+                          zeroed_outputs=tuple(zeroed_outputs), **_compile_options_kwargs(jt),
+                          **{out_keyword: shapes}, **constexprs)
     return list(outs)[:len(out_shapes)]
 
 

@@ -177,7 +177,8 @@ def compile_record(record: launch.LaunchRecord, target: str):
     source = ASTSource(fn=record.kernel, signature=record.signature, constexprs=record.constexprs, attrs=aligned)
     backend, arch, warp_size = TARGETS[target][:3]
     return triton.compile(source, target=GPUTarget(backend, arch, warp_size),
-                          options={"num_warps": record.num_warps, "num_stages": record.num_stages})
+                          options={"num_warps": record.num_warps, "num_stages": record.num_stages,
+                                   **launch.COMPILE_OPTIONS})
 
 
 def check_shared_memory(compiled, target: str) -> None:

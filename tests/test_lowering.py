@@ -140,6 +140,23 @@ def test_plain_launch_lowers():
     assert kernel_calls(unused) == []
 
 
+def test_launches_compile_with_jaxmoe_options(monkeypatch):
+    """Every launch names its Triton compile options (launch.COMPILE_OPTIONS) on both jax-triton APIs:
+    FMA contraction stays on when Triton 3.10 turns its default off (3.9 warns about it)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    seen = []
+    parse = CUDABackend.parse_options
+    monkeypatch.setattr(CUDABackend, "parse_options", lambda self, opts: (seen.append(dict(opts)), parse(self, opts))[1])
+    out_shapes = [jax.ShapeDtypeStruct(X.shape, X.dtype), jax.ShapeDtypeStruct((1,), jnp.int32)]
+    # BLOCK=128, a specialisation no other test compiles, so jax-triton's kernel cache cannot answer
+    launch_ = lambda x: launch._launch_triton(_double_and_count, [x, x.size], (1,), out_shapes, num_warps=1,
+                                              num_stages=1, scratch_per_program=0, zeroed_outputs=(),
+                                              constexprs={"BLOCK": 128})[0]
+    assert_sm90(kernel_calls(lower_for_cuda(launch_, X)))
+    assert seen, "jax-triton compiled nothing"
+    assert all(opts.get("enable_fp_fusion") is True for opts in seen), seen
+
+
 def test_dce_rule_takes_both_call_styles():
     """jax <= 0.11 calls a DCE rule as rule(used_outputs, eqn), jax 0.12 as rule(used_outputs,
     live_inputs, eqn): jaxmoe's rule answers both alike, whichever this jax uses."""
