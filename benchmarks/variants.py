@@ -5,7 +5,8 @@
 For each cell (shape:T, the tuner's fixed random bf16 inputs and routing) it takes the config jaxmoe
 picks today (table or heuristic), then times the gate/up GEMM and the down GEMM under that config and
 under variants of it: the same tiles through TMA descriptors (GemmConfig.tma), and the extra tiles of
-EXTRA for the cell's BLOCK_M class, with and without TMA. Every variant's output is compared with the
+EXTRA for the cell's BLOCK_M class, with and without TMA; on a stack that builds descriptors on the
+host (jax-triton 0.4 with jaxlib 0.12), each TMA variant also with host-built ones (GemmConfig.host_tma). Every variant's output is compared with the
 picked config's: the largest absolute difference, and whether the two are bitwise equal. Rows print as
 they come, so a run cut off by a time limit keeps what it measured.
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 from jaxmoe import config as configs
 from jaxmoe import ops
+from jaxmoe.launch import host_descriptors_available
 from jaxmoe.ops.ffn import device_kind
 from benchmarks import shapes as shapes_lib
 from benchmarks.timing import time_fn
@@ -42,6 +44,8 @@ def variants(picked: configs.GemmConfig, gemm: str, block_m: int, tma_too: bool)
     for bn, bk, w, s in EXTRA[(gemm, size)]:
         for tma in (False, True) if tma_too else (picked.tma,):
             found.append(configs.GemmConfig(bn, bk, picked.group_m, w, s, tma=tma))
+    if tma_too and host_descriptors_available():
+        found += [dataclasses.replace(c, host_tma=True) for c in found if c.tma]
     return list(dict.fromkeys(found))  # in order, each config once
 
 

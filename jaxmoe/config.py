@@ -32,6 +32,9 @@ class GemmConfig:
     split_k: int = 1  # K slices summed by the combine; only the down projection (no epilogue) uses it
     split_m: int = 1  # row tiles per dispatch row block: this GEMM's tiles have block_m / split_m rows
     tma: bool = False  # weights (and the down projection's sorted rows) through TMA tensor descriptors
+    # with tma, on a stack that can (launch.host_descriptors_available): the descriptors built on the
+    # host by jaxlib's kernel call, not by every program on the device; off until measured (issue 23)
+    host_tma: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

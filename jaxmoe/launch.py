@@ -135,6 +135,29 @@ def _supply_scratch(triton_lib) -> None:
     triton_lib.get_or_create_triton_kernel = get_or_create_triton_kernel
 
 
+@dataclasses.dataclass(frozen=True)
+class HostDescriptor:
+    """An array a "triton" launch passes as a TMA descriptor built on the host (host_descriptors_available):
+    the kernel's parameter is then a tensor descriptor, not a pointer. The array is read as a row-major
+    view of `shape` with `strides` (elements), in block_shape tiles, zeros past the view's edges, as a
+    descriptor the kernel builds itself with tl.make_tensor_descriptor reads it."""
+
+    array: jax.Array
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    block_shape: tuple[int, ...]
+
+
+@functools.cache
+def host_descriptors_available() -> bool:
+    """Whether launches can take HostDescriptors: jax-triton's TensorDescriptor (0.4) on a jaxlib whose
+    kernel call builds them (0.12 and later)."""
+    import jaxlib
+
+    major, minor = (int(v) for v in jaxlib.__version__.split(".")[:2])
+    return (major, minor) >= (0, 12) and hasattr(_jax_triton()[0], "TensorDescriptor")
+
+
 def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeDtypeStruct], mode: str,
            num_warps: int = 4, num_stages: int = 2, scratch_per_program: int = 0, zeroed_outputs: Sequence[int] = (),
            **constexprs) -> list[jax.Array]:
@@ -145,21 +168,24 @@ def launch(kernel, *args, grid: tuple[int, ...], out_shapes: Sequence[jax.ShapeD
     start with any content).
     """
     out_shapes = list(out_shapes)
+    if mode != "triton" and any(isinstance(a, HostDescriptor) for a in args):
+        raise ValueError(f"host-built TMA descriptors run only on mode='triton', not {mode!r}")
     if mode in ("triton", "interpret"):
-        array_slots = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+        array_slots = [i for i, a in enumerate(args) if isinstance(a, (jax.Array, HostDescriptor))]
 
         # Only the arrays are arguments: the int scalars and constexprs stay Python values, closed over.
+        # A HostDescriptor travels as its array and becomes jax-triton's descriptor inside.
         @jax.custom_batching.sequential_vmap
         def run(*arrays):
             full_args = list(args)
             for slot, array in zip(array_slots, arrays):
-                full_args[slot] = array
+                full_args[slot] = _descriptor(args[slot], array) if isinstance(args[slot], HostDescriptor) else array
             if mode == "triton":
                 return _launch_triton(kernel, full_args, grid, out_shapes, num_warps, num_stages, scratch_per_program,
                                       tuple(zeroed_outputs), constexprs)
             return _launch_interpreted(kernel, full_args, grid, out_shapes, tuple(zeroed_outputs), constexprs)
 
-        return list(run(*[args[i] for i in array_slots]))
+        return list(run(*[args[i].array if isinstance(args[i], HostDescriptor) else args[i] for i in array_slots]))
     if mode == "record":
         # jax-triton (as Triton's own launcher) compiles an int argument equal to 1 in as a constant, so
         # that value is part of what compiles: the record keeps it among the constexprs.
@@ -235,6 +261,10 @@ def _launch_triton(kernel, args, grid, out_shapes, num_warps, num_stages, scratc
                           zeroed_outputs=tuple(zeroed_outputs), **_compile_options_kwargs(jt),
                           **{out_keyword: shapes}, **constexprs)
     return list(outs)[:len(out_shapes)]
+
+
+def _descriptor(spec: HostDescriptor, array):
+    return _jax_triton()[0].TensorDescriptor(array, tuple(spec.shape), tuple(spec.strides), tuple(spec.block_shape))
 
 
 def _launch_interpreted(kernel, args, grid, out_shapes, zeroed_outputs, constexprs):

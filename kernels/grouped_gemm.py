@@ -33,7 +33,8 @@ down projection has K = 14336), whole-K tiles are too few to fill the card evenl
 go to separate float32 planes, and the combine adds them in a fixed order, so no atomics are needed.
 With TMA (16-bit operands, K a multiple of BLOCK_K) the weight tiles, and the down projection's
 sorted A rows, arrive through tensor descriptors (Hopper's bulk tensor copies, built on the device
-in the per-program scratch that jaxmoe.launch supplies) instead of per-thread pointer loads. B is
+in the per-program scratch that jaxmoe.launch supplies, or with HOST_TMA built on the host by the
+launch and passed in place of the pointers) instead of per-thread pointer loads. B is
 viewed as [E*K, N]: K tiles never cross into the next expert because BLOCK_K divides K, and columns
 past N read 0. An A tile may read rows past its expert's end (the next expert's rows, or zeros past
 the last row); those rows are computed and never stored, and GEMM rows are independent, so a
@@ -158,17 +159,21 @@ def accumulate_tma(acc, acc2, a_desc, a_ptr, a_rows, row_ok, stride_am, first_ro
     """acc (+ acc2 if GATED) += A[rows, k_first:k_last] @ B_2d[b_row + k_first : b_row + k_last, col:] (and B2),
     the weights through their descriptors; A through its descriptor from first_row if TMA_A, else
     gathered at a_rows. One A tile serves both weights."""
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
-    for k0 in range(k_first, k_last, BLOCK_K):
-        if TMA_A:
+    if TMA_A:  # a_ptr may itself be the descriptor (host-built): no pointer arithmetic on it
+        for k0 in range(k_first, k_last, BLOCK_K):
             a = a_desc.load([first_row, k0])
-        else:
+            acc = tl.dot(a, b_desc.load([b_row + k0, col]), acc)
+            if GATED:
+                acc2 = tl.dot(a, b2_desc.load([b_row + k0, col]), acc2)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_first + ks)[None, :]
+        for k0 in range(k_first, k_last, BLOCK_K):
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        acc = tl.dot(a, b_desc.load([b_row + k0, col]), acc)
-        if GATED:
-            acc2 = tl.dot(a, b2_desc.load([b_row + k0, col]), acc2)
-        a_ptrs += BLOCK_K
+            acc = tl.dot(a, b_desc.load([b_row + k0, col]), acc)
+            if GATED:
+                acc2 = tl.dot(a, b2_desc.load([b_row + k0, col]), acc2)
+            a_ptrs += BLOCK_K
     return acc, acc2
 
 
@@ -224,6 +229,7 @@ def grouped_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,  # B (and A unless GATHER_A) through tensor descriptors: 16-bit, EVEN_K, no CONCAT_K
     E: tl.constexpr,  # experts in B (read only with TMA: the descriptor's row count)
+    HOST_TMA: tl.constexpr,  # with TMA: a_ptr (unless GATHER_A), b_ptr and b2_ptr (if GATED) are descriptors
 ):
     tile_m, tile_n = program_tile(n_blocks * SPLIT_M, N, BLOCK_N, GROUP_M)
     expert, first_row, end_row = tile_start(tile_m, block_experts_ptr, block_rows_ptr, expert_offsets_ptr,
@@ -245,16 +251,21 @@ def grouped_gemm_kernel(
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the up projection's, with GATED
     if TMA:
         # B viewed as [E*K, N] (stride_bn == 1); descriptor offsets are int32: E*K < 2^31 (launcher).
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[stride_bk, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-        b2_desc = b_desc  # a stand-in, unused unless GATED
-        if GATED:
-            b2_desc = tl.make_tensor_descriptor(b2_ptr, shape=[E * K, N], strides=[stride_bk, 1],
-                                                block_shape=[BLOCK_K, BLOCK_N])
-        a_desc = b_desc  # a stand-in, unused when GATHER_A
-        if not GATHER_A:
-            a_desc = tl.make_tensor_descriptor(a_ptr, shape=[n_assignments, K], strides=[stride_am, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
+        if HOST_TMA:  # the same views, built on the host (jaxmoe.launch.HostDescriptor)
+            b_desc = b_ptr
+            b2_desc = b2_ptr if GATED else b_ptr
+            a_desc = b_ptr if GATHER_A else a_ptr
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+            b2_desc = b_desc  # a stand-in, unused unless GATED
+            if GATED:
+                b2_desc = tl.make_tensor_descriptor(b2_ptr, shape=[E * K, N], strides=[stride_bk, 1],
+                                                    block_shape=[BLOCK_K, BLOCK_N])
+            a_desc = b_desc  # a stand-in, unused when GATHER_A
+            if not GATHER_A:
+                a_desc = tl.make_tensor_descriptor(a_ptr, shape=[n_assignments, K], strides=[stride_am, 1],
+                                                   block_shape=[BLOCK_M, BLOCK_K])
         acc, acc2 = accumulate_tma(acc, acc2, a_desc, a_ptr, a_rows, row_ok, stride_am, first_row, b_desc, b2_desc,
                                    expert.to(tl.int32) * K, tile_n * BLOCK_N, k_first, k_last, BLOCK_K,
                                    not GATHER_A, GATED)

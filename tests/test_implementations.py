@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe import ops, reference
+from jaxmoe import launch, ops, reference
 from jaxmoe.ops import ffn
 from jaxmoe.config import GemmConfig, MoEConfig
 from conftest import TOLERANCE, Problem, assert_close, rel_err
@@ -43,6 +43,7 @@ SPLIT_M = MoEConfig(32, GemmConfig(block_n=32, block_k=32, group_m=3, num_warps=
 TMA = MoEConfig(32, GemmConfig(block_n=32, block_k=32, group_m=3, num_warps=4, num_stages=2, tma=True),
                 GemmConfig(block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=2, tma=True))
 POINTERS = MoEConfig(32, dataclasses.replace(TMA.gate_up, tma=False), dataclasses.replace(TMA.down, tma=False))
+HOST_TMA = MoEConfig(32, dataclasses.replace(TMA.gate_up, host_tma=True), dataclasses.replace(TMA.down, host_tma=True))
 
 SHAPES = [(37, 96, 200, 5, 2), (64, 32, 48, 1, 1), (19, 40, 24, 4, 4), (1, 16, 24, 6, 3), (0, 16, 24, 4, 2)]
 
@@ -111,6 +112,20 @@ def test_tma_descriptors_match_pointer_loads(impl, dtype):
     assert_close(y, reference_of(p), dtype)
     assert np.asarray(y).tobytes() == np.asarray(run(impl, p, POINTERS)).tobytes()
     assert_grads_close(grads(impl, p, TMA), grads("reference", p), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_host_built_tma_descriptors_match_pointer_loads(dtype):
+    """The descriptors of test_tma_descriptors_match_pointer_loads built on the host (jax-triton 0.4 with
+    jaxlib 0.12): the same bits as the pointer path, and the gradients of the reference."""
+    if not launch.host_descriptors_available():
+        pytest.skip("host-built descriptors need jax-triton 0.4 with jaxlib 0.12")
+    p = Problem(31, 90, 64, 96, 4, 2, dtype=dtype)
+    y = run("triton", p, HOST_TMA)
+    assert_close(y, reference_of(p), dtype)
+    assert np.asarray(y).tobytes() == np.asarray(run("triton", p, POINTERS)).tobytes()
+    assert_grads_close(grads("triton", p, HOST_TMA), grads("reference", p), dtype)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLEMENTATIONS)

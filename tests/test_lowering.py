@@ -30,7 +30,8 @@ import triton.language as tl
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jaxmoe
-from jaxmoe import api, launch
+from jaxmoe import api, launch, ops
+from jaxmoe.config import GemmConfig, MoEConfig
 
 COMPUTE_CAPABILITY = 90
 PLUGIN = "jax-cuda13-plugin"
@@ -217,6 +218,32 @@ def test_moe_lowers(dtype):
         assert_sm90(forward_calls)
         assert_sm90(backward_calls)
         assert len(backward_calls) > len(forward_calls), T  # the backward runs in kernels too
+
+
+HOST_TMA = MoEConfig(32, GemmConfig(block_n=32, block_k=32, group_m=3, num_warps=4, num_stages=2, tma=True, host_tma=True),
+                     GemmConfig(block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=2, tma=True, host_tma=True))
+
+
+def test_host_built_tma_descriptors_lower(monkeypatch):
+    """GemmConfig.host_tma: on jax-triton 0.4 with jaxlib 0.12 the weights' (and the down projection's
+    rows') descriptors are built on the host and the kernels compiled for them; elsewhere the same
+    config builds them on the device. Forward and value_and_grad lower either way."""
+    built = []
+    make = launch._descriptor
+    monkeypatch.setattr(launch, "_descriptor", lambda spec, array: (built.append(spec.shape), make(spec, array))[1])
+    T, d, f, E, k = 37, 64, 96, 4, 2
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((T, d), jnp.bfloat16), ((T, k), jnp.float32), ((T, k), jnp.int32),
+                                                    ((E, d, f), jnp.bfloat16), ((E, d, f), jnp.bfloat16),
+                                                    ((E, f, d), jnp.bfloat16)]]
+    forward = lambda *a: ops.expert_ffn(*a, mode="triton", config=HOST_TMA)
+    loss = lambda *a: jnp.sum(forward(*a).astype(jnp.float32))
+    assert_sm90(kernel_calls(lower_for_cuda(forward, *args)))
+    if launch.host_descriptors_available():
+        # gate/up: w_gate and w_up; down: w_down and its sorted rows
+        assert sorted(built) == sorted([(E * d, f), (E * d, f), (E * f, d), (T * k, f)]), built
+    else:
+        assert built == []
+    assert_sm90(kernel_calls(lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 3, 4, 5)), *args)))
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates them)")

@@ -17,7 +17,7 @@ from jaxmoe import config as configs
 from jaxmoe.kernels import combine as combine_kernels
 from jaxmoe.kernels import grouped_gemm as gemm_kernels
 from jaxmoe.kernels import grouped_gemm_bwd as bwd_kernels
-from jaxmoe.launch import launch
+from jaxmoe.launch import HostDescriptor, host_descriptors_available, launch
 from jaxmoe.options import Experts
 from jaxmoe.ops._util import F32 as _F32, cdiv as _cdiv, next_pow2 as _next_pow2, out as _out
 from jaxmoe.ops.dispatch import Dispatch, dispatch_bucket
@@ -92,7 +92,16 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
     k_per_split = _cdiv(_cdiv(K, gemm.block_k), splits) * gemm.block_k
     width = 3 * N if store_preact else N
     tma = gemm.tma and _tma_fits(a, b, K, N, gemm.block_k, concat_k or transpose_b, mode)
-    descriptors = (1 + gated + (not gather_a)) if tma else 0
+    host_tma = tma and gemm.host_tma and mode == "triton" and host_descriptors_available()
+    descriptors = (1 + gated + (not gather_a)) if tma and not host_tma else 0
+    a_arg, b_arg, b2_arg = a, b, b2
+    if host_tma:  # the views the kernel would build (see the kernel's TMA branch), built on the host
+        tile_m = block_m // gemm.split_m
+        b_arg = HostDescriptor(b, (E * K, N), (N, 1), (gemm.block_k, gemm.block_n))
+        if gated:
+            b2_arg = HostDescriptor(b2, (E * K, N), (N, 1), (gemm.block_k, gemm.block_n))
+        if not gather_a:
+            a_arg = HostDescriptor(a, (n, K), (a.shape[1], 1), (tile_m, gemm.block_k))
     out_shape = _out((n, width), out_dtype) if splits == 1 else _out((splits, n, N), _F32)
     if bias2 is not None and not gated:
         raise ValueError("bias2 belongs to the gated GEMM's up projection")
@@ -105,7 +114,7 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
     clamps_shape = _out((n, N) if clamped else (1,), jnp.uint8)  # a stub the kernel never writes unless clamped
     # Without biases, row_weights stands in for their pointers (never read).
     out, clamps = launch(
-        gemm_kernels.grouped_gemm_kernel, a, b, b2, row_weights, bias if has_bias else row_weights,
+        gemm_kernels.grouped_gemm_kernel, a_arg, b_arg, b2_arg, row_weights, bias if has_bias else row_weights,
         bias2 if has_bias and gated else row_weights, disp.sorted_assignments, disp.expert_offsets,
         disp.block_experts, disp.block_rows, n_blocks, n,
         grid=(n_blocks * gemm.split_m * _cdiv(N, gemm.block_n), splits), mode=mode,
@@ -117,7 +126,8 @@ def grouped_gemm(a, b, b2, row_weights, disp: Dispatch, *, top_k: int, block_m: 
         GROUP_M=gemm.group_m, GATHER_A=gather_a, GATED=gated, STORE_PREACT=store_preact, SCALE_ROWS=scale_rows,
         WEIGHT_ON_INPUT=weight_on_input, HAS_BIAS=has_bias, **epilogue, CONCAT_K=concat_k,
         EVEN_K=K % gemm.block_k == 0, SPLIT_K=splits, K_PER_SPLIT=k_per_split,
-        DOT_PRECISION=precision, TMA=tma, E=E if tma else 0)  # E only shapes descriptors: no compile per E
+        DOT_PRECISION=precision, TMA=tma, E=E if tma and not host_tma else 0,  # E shapes device-built ones
+        HOST_TMA=host_tma)
     if store_preact:
         return out, clamps if clamped else None
     return out
