@@ -6,9 +6,10 @@ For each cell (shape:T, the tuner's fixed random bf16 inputs and routing) it tak
 picks today (table or heuristic), then times the gate/up GEMM and the down GEMM under that config and
 under variants of it: the same tiles through TMA descriptors (GemmConfig.tma), and the extra tiles of
 EXTRA for the cell's BLOCK_M class, with and without TMA; on a stack that builds descriptors on the
-host (jax-triton 0.4 with jaxlib 0.12), each TMA variant also with host-built ones (GemmConfig.host_tma). Every variant's output is compared with the
-picked config's: the largest absolute difference, and whether the two are bitwise equal. Rows print as
-they come, so a run cut off by a time limit keeps what it measured.
+host (jax-triton 0.4 with jaxlib 0.12), each TMA variant also with host-built ones (GemmConfig.host_tma).
+Every variant's output is compared with the picked config's: the largest absolute difference, and
+whether the two are bitwise equal. Rows print as they come, so a run cut off by a time limit keeps
+what it measured.
 """
 
 from __future__ import annotations

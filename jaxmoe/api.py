@@ -168,11 +168,10 @@ def moe(x, router_weight, w_gate, w_up, w_down, *, top_k: int | None = None, sco
     stages = _stages(implementation)
     if mesh is None and expert_axis is None and data_axis is None:
         implied = sharding.implied_data_axes(x)
-        if implied is not None:  # x split over Explicit axes: data-parallel over them
-            mesh, data_axis = implied
-    if mesh is None and expert_axis is None and data_axis is None:
-        return pipeline.moe_pipeline(x, params, router, experts, routing_fn=stages.route_with_aux,
-                                     expert_ffn_fn=stages.expert_ffn, with_routing=return_routing)
+        if implied is None:
+            return pipeline.moe_pipeline(x, params, router, experts, routing_fn=stages.route_with_aux,
+                                         expert_ffn_fn=stages.expert_ffn, with_routing=return_routing)
+        mesh, data_axis = implied  # x split over Explicit axes: data-parallel over them
     return sharding.sharded_moe(x, params, router, experts, routing_fn=stages.route_with_stats,
                                 expert_ffn_fn=stages.expert_ffn, mesh=mesh, expert_axis=expert_axis,
                                 data_axis=data_axis, with_routing=return_routing)

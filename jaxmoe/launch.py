@@ -39,7 +39,8 @@ from jaxmoe import _interpret
 
 @functools.cache
 def _jax_triton():
-    """jax_triton and its output keyword. Every import of jax_triton in jaxmoe goes through here."""
+    """(jax_triton, its output keyword, whether launch() supplies the global scratch, the keywords that
+    pass COMPILE_OPTIONS). Every import of jax_triton in jaxmoe goes through here."""
     # jax-triton 0.3.x sets TRITON_CACHE_DIR to "" as it loads, even when the import then fails (as on
     # a CPU), and every later triton.compile in the process fails ("Could not create or locate cache
     # dir"); 0.4.x deletes the variable, dropping a user's choice. jax-triton compiles without that
@@ -56,27 +57,21 @@ def _jax_triton():
 
     _register_dce_rule(jax_triton.triton_lib.triton_kernel_call_p)
 
-    # jax-triton 0.3.x names the outputs `out_shape`; 0.4.x renamed it `out_type`.
+    # jax-triton 0.3.x names the outputs `out_shape`; 0.4.x renamed it `out_type`. 0.3.x takes compile
+    # options as keywords, 0.4.x inside backend_options.
     params = inspect.signature(jax_triton.triton_call).parameters
     new_api = "out_type" in params
     if not new_api:
         _supply_scratch(jax_triton.triton_lib)
-    return jax_triton, "out_type" if new_api else "out_shape", not new_api
+    options = {"backend_options": dict(COMPILE_OPTIONS)} if "backend_options" in params else dict(COMPILE_OPTIONS)
+    return jax_triton, "out_type" if new_api else "out_shape", not new_api, options
 
 
 # Triton compile options every launch names, not left to Triton's defaults. enable_fp_fusion (a*b+c as
 # one FMA): Triton 3.9 warns when it is left unset, and 3.10 turns its default off; every GPU test and
 # number so far ran with it on (the default up to 3.9), so it stays on until a measured change says
-# otherwise. jax-triton 0.3.x takes it as a keyword, 0.4.x inside backend_options. The portability
-# gate compiles with the same options (portability.compile_record).
+# otherwise. The portability gate compiles with the same options (portability.compile_record).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
-
-
-def _compile_options_kwargs(jax_triton) -> dict:
-    params = inspect.signature(jax_triton.triton_call).parameters
-    if "backend_options" in params:
-        return {"backend_options": dict(COMPILE_OPTIONS)}
-    return dict(COMPILE_OPTIONS)
 
 
 def _register_dce_rule(kernel_call_p) -> None:
@@ -252,19 +247,19 @@ def _triton_type(arg) -> str:
 def _launch_triton(kernel, args, grid, out_shapes, num_warps, num_stages, scratch_per_program, zeroed_outputs,
                    constexprs) -> list[jax.Array]:
     """One jax-triton call: a "triton" launch without launch()'s batching wrapper."""
-    jt, out_keyword, supply_scratch = _jax_triton()
+    jt, out_keyword, supply_scratch, compile_options = _jax_triton()
     shapes = list(out_shapes)
     if scratch_per_program and supply_scratch:
         _SCRATCH_KERNELS.add(kernel.fn)
         shapes.append(jax.ShapeDtypeStruct((math.prod(grid) * scratch_per_program,), np.int8))
     outs = jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=num_stages,
-                          zeroed_outputs=tuple(zeroed_outputs), **_compile_options_kwargs(jt),
+                          zeroed_outputs=tuple(zeroed_outputs), **compile_options,
                           **{out_keyword: shapes}, **constexprs)
     return list(outs)[:len(out_shapes)]
 
 
 def _descriptor(spec: HostDescriptor, array):
-    return _jax_triton()[0].TensorDescriptor(array, tuple(spec.shape), tuple(spec.strides), tuple(spec.block_shape))
+    return _jax_triton()[0].TensorDescriptor(array, spec.shape, spec.strides, spec.block_shape)
 
 
 def _launch_interpreted(kernel, args, grid, out_shapes, zeroed_outputs, constexprs):
