@@ -79,7 +79,8 @@ from jaxmoe import pipeline
 
 from benchmarks import shapes as shapes_lib
 from benchmarks.peers import IMPLS, PASSES, PEERS, impl_availability, make_forward, make_gemm_roof, make_step
-from benchmarks.report import fmt_num, format_table, format_twin_table, header_line, memory_line, write_plot
+from benchmarks import report
+from benchmarks.report import fmt_num, header_line, memory_line, write_plot
 from benchmarks.timing import measure_ceilings, planned_memory, time_fn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,7 +277,9 @@ def _check(values, allowed, what):
 
 
 def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float, env: dict,
-              hbm_read_gbps: float | None, memory: bool) -> list[dict]:
+              hbm_read_gbps: float | None, memory: bool, on_cell=None) -> list[dict]:
+    """The rows of every (shape, T, pass) cell; on_cell(rows so far) after each cell, so that a run cut off
+    by a time limit keeps what it measured."""
     sync_each = not on_gpu
     rows: list[dict] = []
     normal = Normal(0, on_host=not on_gpu)
@@ -369,6 +372,8 @@ def run_sweep(shapes, tokens, impls, passes, *, on_gpu: bool, min_time_s: float,
                         if r["impl"] in PEERS and r["ms"]:
                             triton[f"speedup_vs_{r['impl']}"] = r["ms"] / triton["ms"]
                 rows.extend(cell)
+                if on_cell is not None:
+                    on_cell(rows)
             del xs, dys, arg_sets, xes, hes, dhes, dyes
             gc.collect()
         del wsets
@@ -429,34 +434,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"dense bf16 {fmt_num(ceilings['matmul_tflops'])} TFLOP/s"
             + ("" if on_gpu else " (CPU probes are small: indicative only)"))
 
-    t0 = time.perf_counter()
-    resolved = [shapes_lib.get(s) for s in shapes]
-    hbm_read_gbps = ceilings["hbm_read_gbps"] if ceilings else None
-    rows = run_sweep(resolved, tokens, impls, passes, on_gpu=on_gpu, min_time_s=min_time, env=env,
-                     hbm_read_gbps=hbm_read_gbps, memory=args.memory) if impls else []
-    if ceilings:
-        for r in rows:
-            r["hbm_read_gbps"], r["matmul_tflops"] = ceilings["hbm_read_gbps"], ceilings["matmul_tflops"]
-    log(f"sweep took {time.perf_counter() - t0:.1f}s")
-
-    log("")
-    log(header_line(env, ceilings))
-    log(format_table(rows))
-    twins = format_twin_table(rows)
-    if twins:
-        log("")
-        log("the options against the plain twin (triton; equal-work cost = plain limit/ms / limit/ms - 1):")
-        log(twins)
-    if not on_gpu:
-        log("(CPU run: the triton and tokamax rows need a GPU)")
-
     json_path = Path(args.json)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**env, "ceilings": ceilings, "argv": list(argv) if argv is not None else sys.argv[1:],
             "min_time_s": min_time, "shapes": shapes, "tokens": tokens, "impls": impls, "passes": passes,
             "memory": args.memory}
-    with open(json_path, "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1, default=float)
+
+    def write_json(rows, complete):
+        if ceilings:
+            for r in rows:
+                r["hbm_read_gbps"], r["matmul_tflops"] = ceilings["hbm_read_gbps"], ceilings["matmul_tflops"]
+        with open(json_path, "w") as fh:
+            json.dump({"meta": {**meta, "complete": complete}, "rows": rows}, fh, indent=1, default=float)
+
+    t0 = time.perf_counter()
+    resolved = [shapes_lib.get(s) for s in shapes]
+    hbm_read_gbps = ceilings["hbm_read_gbps"] if ceilings else None
+    rows = run_sweep(resolved, tokens, impls, passes, on_gpu=on_gpu, min_time_s=min_time, env=env,
+                     hbm_read_gbps=hbm_read_gbps, memory=args.memory,
+                     on_cell=lambda rows: write_json(rows, complete=False)) if impls else []
+    write_json(rows, complete=True)
+    log(f"sweep took {time.perf_counter() - t0:.1f}s")
+
+    log("")
+    log(report.report(meta, rows))
+    if not on_gpu:
+        log("(CPU run: the triton and tokamax rows need a GPU)")
     log(f"json written to {json_path}")
     if args.plot and args.plot.lower() != "none":
         log(write_plot(rows, Path(args.plot)))

@@ -1,5 +1,8 @@
 """What the benchmark prints and draws: the header lines, the table and the PNG plot.
 
+    python -m benchmarks.report benchmarks/out/moe.json    # the printout of a run's JSON (also of a run cut
+                                                           # off by a time limit: the sweep writes it per cell)
+
 Columns of the table (benchmarks/RESULTS.md says how each number is made):
   ms        median milliseconds per call
   TFLOP/s   expert-GEMM FLOPs / time;  GB/s  counted bytes / time
@@ -12,6 +15,8 @@ Columns of the table (benchmarks/RESULTS.md says how each number is made):
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from benchmarks.peers import IMPLS, PEERS
@@ -115,6 +120,19 @@ def header_line(env: dict, ceilings: dict | None) -> str:
     return s
 
 
+def report(meta: dict, rows: list[dict]) -> str:
+    """What a sweep prints after its rows: the header, the table and, where twins ran, their comparison."""
+    out = [header_line(meta, meta.get("ceilings")), format_table(rows)]
+    twins = format_twin_table(rows)
+    if twins:
+        out += ["", "the options against the plain twin (triton; equal-work cost = plain limit/ms / limit/ms - 1):",
+                twins]
+    if meta.get("complete") is False:
+        out += ["", f"(cut off: {len({(r['shape'], r['T'], r['pass']) for r in rows})} cells measured of the run's "
+                    f"{len(meta['shapes']) * len(meta['tokens']) * len(meta['passes'])})"]
+    return "\n".join(out)
+
+
 def write_plot(rows: list[dict], path: Path) -> str:
     """One column per shape: ms vs T with the limit (top), limit_ms / ms vs T (bottom)."""
     try:
@@ -170,3 +188,14 @@ def write_plot(rows: list[dict], path: Path) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"plot written to {path}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prints the report of each JSON a sweep wrote (benchmarks.moe --json)."""
+    for path in sys.argv[1:] if argv is None else argv:
+        data = json.loads(Path(path).read_text())
+        print(report(data["meta"], data["rows"]))
+
+
+if __name__ == "__main__":
+    main()

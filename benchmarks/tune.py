@@ -18,6 +18,11 @@ GEMMs walk) and times, from the forward's saved activations and a random dY, the
 and the two weight-gradient launches over their own candidate lists; the fastest of each is merged
 into the entry (fields dh, dx, dw). `--mode interpret --limit 1` runs the same code on a CPU, slowly,
 as a smoke test.
+
+On a stack that builds TMA descriptors on the host (jax-triton 0.4 with jaxlib 0.12) the forward sweep
+also tries host-built TMA tiles, keeps an existing entry's BLOCK_M, and writes its winners into the
+entry's "host_descriptors" object (jaxmoe/config.py): run on that stack, it tunes that stack's kernels
+and leaves the configs older stacks run as they were.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ import jax.numpy as jnp
 import jaxmoe
 from jaxmoe import config as configs
 from jaxmoe import ops, pipeline
+from jaxmoe.launch import host_descriptors_available
 from jaxmoe.ops import gemm as gemm_ops
-from jaxmoe.ops.ffn import device_kind
+from jaxmoe.ops.ffn import device_kind, picked_config
 from benchmarks import shapes as shapes_lib
 from benchmarks.timing import time_fn
 
@@ -67,7 +73,11 @@ def block_m_candidates(bucket: int) -> list[int]:
 SPLIT_DOWN = [(64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (128, 128, 4, 3, 4), (64, 256, 4, 3, 4)]
 
 
-def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfig]:
+def gemm_candidates(block_m: int, gated: bool, K: int, host: bool = False) -> list[configs.GemmConfig]:
+    """The tiles tried for one GEMM; host: the stack builds TMA descriptors on the host, so the TMA
+    candidates are tried that way too (for both GEMMs: without the per-program descriptor setup, on an
+    H100 with Triton 3.9 they beat pointer loads for the down GEMM by 6-7% at Mixtral T=2048 and
+    DeepSeek-V2-Lite T=8192, and the gate/up GEMM by 3% at Mixtral T=2048; benchmarks/RESULTS.md)."""
     table = SMALL_M if block_m <= 32 else MID_M if block_m == 64 else LARGE_M
     found = [configs.GemmConfig(bn, bk, 8, w, s) for bn, bk, w, s in table]
     if block_m >= 64:  # the same row blocks run as two half-height tiles: less padding past an expert's rows
@@ -80,7 +90,10 @@ def gemm_candidates(block_m: int, gated: bool, K: int) -> list[configs.GemmConfi
         # long-K down projection, 2-10% slower for short K, where building the descriptors in every
         # program costs more than the tile's loads save (benchmarks/RESULTS.md, 2026-11-30).
         found += [dataclasses.replace(g, tma=True) for g in found if g.split_m == 1 and g.block_n == 256]
-    return found
+    if host and block_m >= 64:
+        found += [dataclasses.replace(g, tma=True, host_tma=True) for g in found
+                  if g.split_m == 1 and g.split_k == 1 and g.block_n >= 128]
+    return list(dict.fromkeys(found))  # in order, each once
 
 
 # weight-gradient candidates: (block_m, block_n, block_k (rows per step), num_warps, num_stages)
@@ -178,27 +191,29 @@ def best_gemm(make, candidates, min_time_s):
     return best
 
 
-def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None, down_only: bool = False):
+def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None, down_only: bool = False,
+              block_ms: list[int] | None = None, host: bool = False):
     """(total ms, best config) of one cell. down_only keeps the picked config's BLOCK_M and gate/up GEMM
-    (timed once) and sweeps the down GEMM alone."""
+    (timed once) and sweeps the down GEMM alone; block_ms: the BLOCK_M values tried (default: by bucket);
+    host: also the host-built TMA candidates (gemm_candidates)."""
     s = cell.shape
     bucket = configs.rows_bucket(cell.T, s.k, s.E)
-    picked = configs.select(device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    picked = picked_config(cell.mode, "bfloat16", cell.T, s.k, s.E, s.d, s.f)
     results = []
-    for block_m in [picked.block_m] if down_only else block_m_candidates(bucket):
+    for block_m in [picked.block_m] if down_only else block_ms or block_m_candidates(bucket):
         dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, block_m, cell.mode))
         disp = dispatch_fn(cell.ids)
         dispatch_ms = _time(dispatch_fn, (cell.ids,), min_time_s)
         log(f"    BLOCK_M={block_m}: dispatch {dispatch_ms:.4f} ms; gate+up:")
-        gate_candidates = [picked.gate_up] if down_only else gemm_candidates(block_m, True, s.d)[:limit]
+        gate_candidates = [picked.gate_up] if down_only else gemm_candidates(block_m, True, s.d, host)[:limit]
         gate = best_gemm(lambda g: cell.gate_up(disp, block_m, g), gate_candidates, min_time_s)
         if gate is None:
             continue
         fn, args = cell.gate_up(disp, block_m, gate[1])
         h = fn(*args)
         log("    down:")
-        down = best_gemm(lambda g: cell.down(h, disp, block_m, g), gemm_candidates(block_m, False, s.f)[:limit],
-                          min_time_s)
+        down = best_gemm(lambda g: cell.down(h, disp, block_m, g),
+                         gemm_candidates(block_m, False, s.f, host)[:limit], min_time_s)
         if down is None:
             continue
         total = dispatch_ms + gate[0] + down[0]
@@ -207,10 +222,33 @@ def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None, down_only
     return min(results, key=lambda r: r[0]) if results else None
 
 
+def forward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> dict:
+    """The table entry after a forward sweep found cfg (ms) where the entry was old ({} if none).
+
+    Without host-built descriptors, cfg becomes the entry's own config; backward fields and
+    host-descriptor configs tuned earlier stay while BLOCK_M (the row blocks they walk) is unchanged.
+    With them (host), the sweep kept an existing entry's BLOCK_M, and cfg's GEMMs go into the entry's
+    "host_descriptors" object (jaxmoe/config.py), leaving its own configs to older stacks; a new entry
+    gets cfg without host-built descriptors as its own."""
+    if host:
+        base = old or {**dataclasses.replace(cfg, gate_up=_without_host(cfg.gate_up),
+                                             down=_without_host(cfg.down)).to_json(), "ms": round(ms, 4)}
+        return {**base, "host_descriptors": {"gate_up": dataclasses.asdict(cfg.gate_up),
+                                             "down": dataclasses.asdict(cfg.down), "ms": round(ms, 4)}}
+    same_blocks = old.get("block_m") == cfg.block_m
+    kept = {f: old[f] for f in ("dh", "dx", "dw", "bwd_ms", "host_descriptors") if f in old and same_blocks}
+    return {**cfg.to_json(), "ms": round(ms, 4), **kept}
+
+
+def _without_host(gemm: configs.GemmConfig) -> configs.GemmConfig:
+    """gemm as a stack without host-built descriptors should run it: pointer loads in place of them."""
+    return dataclasses.replace(gemm, tma=False, host_tma=False) if gemm.host_tma else gemm
+
+
 def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
     """(total ms, the forward config jaxmoe picks with the fastest dh, dx and dw configs) for one cell."""
     s = cell.shape
-    cfg = configs.select(device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    cfg = picked_config(cell.mode, "bfloat16", cell.T, s.k, s.E, s.d, s.f)
     disp = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, cell.mode))(cell.ids)
     hgu = cell.saved_activations(disp, cfg.block_m, cfg.gate_up)
     cut = slice(0, limit)
@@ -236,7 +274,7 @@ def stages(cell: Cell, min_time_s: float) -> dict[str, float]:
     """Per-stage ms with the config jaxmoe picks for this cell."""
     s = cell.shape
     mode = cell.mode
-    cfg = configs.select(device_kind(mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    cfg = picked_config(mode, "bfloat16", cell.T, s.k, s.E, s.d, s.f)
     dispatch_fn = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, mode))
     disp = dispatch_fn(cell.ids)
     gate_fn, gate_args = cell.gate_up(disp, cfg.block_m, cfg.gate_up)
@@ -285,7 +323,9 @@ def main(argv=None) -> int:
         log("benchmarks.tune needs a GPU (or --mode interpret)")
         return 1
     device = configs.device_key(device_kind(args.mode))
-    log(f"card: {device_kind(args.mode)} -> '{device}'")
+    host = args.mode == "triton" and host_descriptors_available() and not args.backward
+    log(f"card: {device_kind(args.mode)} -> '{device}'"
+        + ("; host-built TMA descriptors: winners go to the entries' host_descriptors" if host else ""))
     try:
         table = json.load(open(args.out))
     except (FileNotFoundError, json.JSONDecodeError):
@@ -313,15 +353,17 @@ def main(argv=None) -> int:
                 best = tune_backward(cell, args.min_time, args.limit)
                 if best is None:
                     continue
-                table[key] = {**old, **best[1].to_json(), "bwd_ms": round(best[0], 4)}
+                # Only the backward fields: on a stack with host-built descriptors the picked forward
+                # GEMMs are the entry's host_descriptors ones, which must not replace its own.
+                tuned = best[1].to_json()
+                table[key] = {**(old or tuned), **{f: tuned[f] for f in ("dh", "dx", "dw")},
+                              "bwd_ms": round(best[0], 4)}
             else:
-                best = tune_cell(cell, args.min_time, args.limit, args.down_only)
+                best = tune_cell(cell, args.min_time, args.limit, args.down_only,
+                                 block_ms=[old["block_m"]] if host and old else None, host=host)
                 if best is None:
                     continue
-                # Backward fields tuned earlier stay valid while BLOCK_M (the row blocks they walk) is unchanged.
-                same_blocks = old.get("block_m") == best[1].block_m
-                kept = {f: old[f] for f in ("dh", "dx", "dw", "bwd_ms") if f in old and same_blocks}
-                table[key] = {**best[1].to_json(), "ms": round(best[0], 4), **kept}
+                table[key] = forward_entry(old, *best, host)
             log(f"  best {best[0]:.4f} ms: {best[1]}")
             with open(args.out, "w") as fh:  # after every cell, so a cut-off run keeps what it found
                 json.dump(dict(sorted(table.items())), fh, indent=1)

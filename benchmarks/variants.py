@@ -25,7 +25,7 @@ import numpy as np
 from jaxmoe import config as configs
 from jaxmoe import ops
 from jaxmoe.launch import host_descriptors_available
-from jaxmoe.ops.ffn import device_kind
+from jaxmoe.ops.ffn import device_kind, picked_config
 from benchmarks import shapes as shapes_lib
 from benchmarks.timing import time_fn
 from benchmarks.tune import Cell
@@ -58,7 +58,7 @@ def compare(out, baseline) -> tuple[float, bool]:
 
 def run_cell(cell: Cell, min_time_s: float, tma_too: bool) -> None:
     s = cell.shape
-    cfg = configs.select(device_kind(cell.mode), "bfloat16", cell.T, s.k, s.E, s.d, s.f)
+    cfg = picked_config(cell.mode, "bfloat16", cell.T, s.k, s.E, s.d, s.f)
     disp = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, cell.mode))(cell.ids)
     print(f"== {s.name} T={cell.T}: picked {cfg}", flush=True)
     h = None

@@ -7,7 +7,10 @@ bucket share a config, and so their compiled kernels; buckets may pick different
 compiled once (the kernels take the token count at run time).
 
 `tuned_configs.json` is written by `python -m benchmarks.tune` on the GPU; keys are
-"<device>/<dtype>/E<E>/d<d>/f<f>/m<bucket>".
+"<device>/<dtype>/E<E>/d<d>/f<f>/m<bucket>". An entry may hold a "host_descriptors" object: GEMM
+configs ("gate_up", "down") that replace the entry's own on a stack that builds TMA descriptors on the
+host (jax-triton 0.4 with jaxlib 0.12, launch.host_descriptors_available), where they were measured.
+The entry's own configs stay what older stacks run, so each stack keeps the kernels that pay on it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class MoEConfig:
     Table entries may carry extra keys (the tuner records the time it measured); they are ignored.
     """
 
+    HOST_FIELDS = ("gate_up", "down")  # what an entry's "host_descriptors" object may replace
+
     block_m: int
     gate_up: GemmConfig  # forward: x @ [W_gate | W_up] with the SwiGLU epilogue
     down: GemmConfig  # forward: h @ W_down with the routing weight in the epilogue
@@ -71,7 +76,12 @@ class MoEConfig:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
     @classmethod
-    def from_json(cls, data: dict) -> "MoEConfig":
+    def from_json(cls, data: dict, host_descriptors: bool = False) -> "MoEConfig":
+        """An entry's config; with host_descriptors, its "host_descriptors" GEMMs in place of its own."""
+        if host_descriptors:
+            data = {**data, **{key: value for key, value in data.get("host_descriptors", {}).items()
+                               if key in cls.HOST_FIELDS}}
+
         def gemm(key):
             return GemmConfig(**data[key]) if key in data else None
 
@@ -124,11 +134,11 @@ def table_key(device: str, dtype: str, E: int, d: int, f: int, bucket: int) -> s
 
 
 @functools.cache
-def _table() -> dict[TableKey, MoEConfig]:
+def _table(host_descriptors: bool = False) -> dict[TableKey, MoEConfig]:
     if not TABLE_PATH.exists():
         return {}
     entries = json.loads(TABLE_PATH.read_text())
-    return {TableKey.parse(key): MoEConfig.from_json(value) for key, value in entries.items()}
+    return {TableKey.parse(key): MoEConfig.from_json(value, host_descriptors) for key, value in entries.items()}
 
 
 def heuristic(bucket: int, dtype: str, d: int, f: int) -> MoEConfig:
@@ -207,12 +217,15 @@ def for_rocm(cfg: MoEConfig, dtype: str) -> MoEConfig:
     )
 
 
-def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int) -> MoEConfig:
+def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: int, f: int,
+           host_descriptors: bool = False) -> MoEConfig:
+    """The config for these static facts; host_descriptors: the running stack builds TMA descriptors on
+    the host (the caller asks launch.host_descriptors_available), so entries' overrides for it apply."""
     bucket = rows_bucket(n_tokens, top_k, E)
     device = device_key(device_kind)
     # float16 tiles behave as bfloat16 ones (same bytes, same tensor-core rate): share their entries.
     for table_dtype in (dtype, "bfloat16") if dtype == "float16" else (dtype,):
-        tuned = _table().get(TableKey(device, table_dtype, E, d, f, bucket))
+        tuned = _table(host_descriptors).get(TableKey(device, table_dtype, E, d, f, bucket))
         if tuned is not None:
             return tuned
     return heuristic(bucket, dtype, d, f)
@@ -221,7 +234,7 @@ def select(device_kind: str, dtype: str, n_tokens: int, top_k: int, E: int, d: i
 def shipped_configs(devices=None, rocm: bool = False) -> list[tuple[str, MoEConfig]]:
     """Every distinct (dtype, config, backward filled) this package can pick: the table's entries for the
     given device keys (all when None) and the heuristic's; with rocm, each as for_rocm fits it."""
-    pairs = {(key.dtype, cfg.with_backward(key.dtype)) for key, cfg in _table().items()
+    pairs = {(key.dtype, cfg.with_backward(key.dtype)) for host in (False, True) for key, cfg in _table(host).items()
              if devices is None or key.device in devices}
     pairs |= {("float16", cfg) for dtype, cfg in list(pairs) if dtype == "bfloat16"}  # see select()
     for bucket in (1, 16, 64, 4096):  # one per heuristic branch

@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end in CPU mode and writes well-formed rows; its roofs count what
 they claim to; the per-GEMM reference VJP in jaxmoe.reference matches jax.lax.ragged_dot."""
 
+import dataclasses
 import functools
 import json
 import sys
@@ -53,6 +54,33 @@ def test_cpu_run_writes_rows_and_table(tmp_path, capsys):
     assert header.split() == ["shape", "T", "pass", "impl", "ms", "TFLOP/s", "GB/s", "gemm_ms", "hbm_ms",
                               "limit_ms", "limit/ms", "peak_gib", "vs", "xla", "vs", "tokamax"]
     assert "card: cpu" in printed
+
+
+def test_a_sweep_cut_off_keeps_the_cells_it_measured(tmp_path, monkeypatch, capsys):
+    """The JSON is written after every cell: a run stopped by a time limit (here: interrupted as its second
+    cell starts) leaves its finished rows, which `python -m benchmarks.report` prints as cut off."""
+    out = tmp_path / "moe.json"
+    make_roof, calls = bench.make_gemm_roof, []
+
+    def roof_then_stop(pass_):
+        calls.append(pass_)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's SIGINT or SIGTERM handler would raise
+        return make_roof(pass_)
+
+    monkeypatch.setattr(bench, "make_gemm_roof", roof_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--tokens", "16", "--pass", "fwd,fwd_bwd", "--min-time", "0.01", "--json", str(out),
+                    "--plot", "none"])
+    data = json.loads(out.read_text())
+    assert data["meta"]["complete"] is False
+    assert [(r["impl"], r["T"], r["pass"]) for r in data["rows"]] == [("xla", 16, "fwd")]
+    assert data["rows"][0]["ms"] > 0
+    capsys.readouterr()
+    report.main([str(out)])
+    printed = capsys.readouterr().out
+    assert "(cut off: 1 cells measured of the run's 2)" in printed
+    assert any(line.split()[:4] == ["tiny", "16", "fwd", "xla"] for line in printed.splitlines())
 
 
 def test_counting_and_hbm_roof():
@@ -333,3 +361,25 @@ def test_twin_table_compares_at_equal_work():
     assert len(lines) == 3  # header, rule, the one pair (no twin for "other", xla rows left out)
     assert lines[2].split() == ["gpt", "16", "fwd", "1.1000", "1.0000", "1.100", "0.900", "0.900", "+0.0%"]
     assert report.format_twin_table([row("other", 1.0, 0.5)]) == ""
+
+
+def test_forward_tuning_on_a_host_descriptor_stack_leaves_the_entry_its_own_configs():
+    """benchmarks.tune on a stack that builds TMA descriptors on the host writes its winners into the
+    entry's host_descriptors object, which jaxmoe.config applies only on such a stack; a later sweep on
+    an older stack keeps that object while BLOCK_M is unchanged."""
+    from benchmarks import tune
+    from jaxmoe.config import GemmConfig, MoEConfig
+
+    pointer = GemmConfig(128, 64, num_warps=8)
+    host_down = GemmConfig(256, 64, num_warps=8, num_stages=4, tma=True, host_tma=True)
+    old = {**MoEConfig(128, pointer, pointer).to_json(), "ms": 2.0, "dh": dataclasses.asdict(pointer)}
+    entry = tune.forward_entry(old, 1.5, MoEConfig(128, pointer, host_down), host=True)
+    assert {k: v for k, v in entry.items() if k != "host_descriptors"} == old
+    assert MoEConfig.from_json(entry) == MoEConfig.from_json(old)
+    assert MoEConfig.from_json(entry, host_descriptors=True) == MoEConfig(128, pointer, host_down, dh=pointer)
+    new = tune.forward_entry({}, 1.5, MoEConfig(128, pointer, host_down), host=True)  # no entry yet
+    assert MoEConfig.from_json(new).down == GemmConfig(256, 64, num_warps=8, num_stages=4)
+    assert MoEConfig.from_json(new, host_descriptors=True).down == host_down
+    older = GemmConfig(64, 64)
+    assert "host_descriptors" in tune.forward_entry(entry, 1.8, MoEConfig(128, older, older), host=False)
+    assert "host_descriptors" not in tune.forward_entry(entry, 1.8, MoEConfig(64, older, older), host=False)

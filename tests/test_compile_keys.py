@@ -8,7 +8,9 @@ and the dispatch's tile sizes (ops.dispatch_bucket, a power of two of T*k). Laun
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +69,24 @@ def test_same_buckets_same_compile_keys(T1, T2, k, rows_bucket, dispatch_bucket,
 def test_other_buckets_do_compile_apart():
     """The keys do see the buckets: a T of another dispatch bucket gives other dispatch tiles."""
     assert compile_keys(1000, 3, SPLIT) != compile_keys(3000, 3, SPLIT)
+
+
+def test_host_descriptor_configs_apply_only_where_asked(tmp_path, monkeypatch):
+    """A table entry's "host_descriptors" GEMMs replace its own only for a stack that builds descriptors on
+    the host; its other fields (BLOCK_M, the backward) and extra keys stay as they are."""
+    gemm = {"block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}
+    host_down = {**gemm, "block_n": 256, "num_stages": 4, "tma": True, "host_tma": True}
+    entry = {"block_m": 128, "gate_up": gemm, "down": gemm, "dh": gemm, "ms": 1.0,
+             "host_descriptors": {"down": host_down, "down_ms": 0.9, "measured": "by hand"}}
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({config.table_key("h100", "bfloat16", E, D, F, 128): entry}))
+    monkeypatch.setattr(config, "TABLE_PATH", table)
+    config._table.cache_clear()
+    try:
+        pick = functools.partial(config.select, "NVIDIA H100 80GB HBM3", "bfloat16", 512, 2, E, D, F)
+        plain, host = pick(), pick(host_descriptors=True)
+        assert plain == MoEConfig(128, GemmConfig(**gemm), GemmConfig(**gemm), dh=GemmConfig(**gemm))
+        assert host == dataclasses.replace(plain, down=GemmConfig(**host_down))
+        assert {cfg.down for _, cfg in config.shipped_configs(["h100"])} >= {plain.down, host.down}
+    finally:
+        config._table.cache_clear()

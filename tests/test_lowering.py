@@ -246,6 +246,28 @@ def test_host_built_tma_descriptors_lower(monkeypatch):
     assert_sm90(kernel_calls(lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 3, 4, 5)), *args)))
 
 
+def test_shipped_host_descriptor_configs_run_on_the_stack_that_builds_them(monkeypatch):
+    """The table's H100 entry for DeepSeek-V2-Lite at T = 8192 holds a down GEMM with host-built
+    descriptors (measured on jax-triton 0.4.1): a jitted expert FFN picks it, and lowers with the
+    down GEMM's two descriptors built on the host, only where they can be; elsewhere it runs the
+    entry's own pointer-load configs and builds none."""
+    from jaxmoe.ops import ffn
+
+    monkeypatch.setattr(ffn, "device_kind", lambda mode: "NVIDIA H100 80GB HBM3")
+    built = []
+    make = launch._descriptor
+    monkeypatch.setattr(launch, "_descriptor", lambda spec, array: (built.append(spec.shape), make(spec, array))[1])
+    T, d, f, E, k = 8192, 2048, 1408, 64, 6
+    host = launch.host_descriptors_available()
+    picked = ffn.picked_config("triton", jnp.bfloat16, T, k, E, d, f)
+    assert (picked.down.tma, picked.down.host_tma) == (host, host), picked
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((T, d), jnp.bfloat16), ((T, k), jnp.float32), ((T, k), jnp.int32),
+                                                    ((E, d, f), jnp.bfloat16), ((E, d, f), jnp.bfloat16),
+                                                    ((E, f, d), jnp.bfloat16)]]
+    assert_sm90(kernel_calls(lower_for_cuda(lambda *a: ops.expert_ffn(*a, mode="triton"), *args)))
+    assert sorted(built) == (sorted([(E * f, d), (T * k, f)]) if host else []), built
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (conftest.py simulates them)")
 def test_sharded_moe_lowers():
     """Experts over 4 devices, tokens over those and 2 more on a data axis (shard_map, all_to_all)."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe import config as configs
+from jaxmoe.launch import host_descriptors_available
 from jaxmoe.options import Experts
 from jaxmoe.ops._util import F32 as _F32
 from jaxmoe.ops.dispatch import Dispatch, dispatch
@@ -58,9 +59,16 @@ def device_kind(mode: str) -> str:
     return jax.devices()[0].device_kind if mode == "triton" else "cpu"
 
 
+def picked_config(mode: str, dtype, T: int, k: int, E: int, d: int, f: int) -> configs.MoEConfig:
+    """The config jaxmoe runs for these shapes in this mode, on this card and stack (the table's entries
+    for host-built descriptors apply only where a "triton" launch can build them)."""
+    host = mode == "triton" and host_descriptors_available()
+    return configs.select(device_kind(mode), jnp.dtype(dtype).name, T, k, E, d, f, host_descriptors=host)
+
+
 def _config(options: _FFNOptions, dtype, T: int, k: int, E: int, d: int, f: int) -> configs.MoEConfig:
     name = jnp.dtype(dtype).name
-    cfg = options.config or configs.select(device_kind(options.mode), name, T, k, E, d, f)
+    cfg = options.config or picked_config(options.mode, dtype, T, k, E, d, f)
     cfg = cfg.with_backward(name)
     return configs.for_rocm(cfg, name) if on_rocm(options.mode) else cfg
 
