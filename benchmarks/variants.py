@@ -41,7 +41,7 @@ EXTRA = {
 
 def variants(picked: configs.GemmConfig, gemm: str, block_m: int, tma_too: bool) -> list[configs.GemmConfig]:
     size = "large" if block_m >= 64 else "small"
-    found = [picked, dataclasses.replace(picked, tma=not picked.tma)] if tma_too else [picked]
+    found = [picked, dataclasses.replace(picked, tma=not picked.tma, host_tma=False)] if tma_too else [picked]
     for bn, bk, w, s in EXTRA[(gemm, size)]:
         for tma in (False, True) if tma_too else (picked.tma,):
             found.append(configs.GemmConfig(bn, bk, picked.group_m, w, s, tma=tma))

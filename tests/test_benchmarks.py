@@ -383,3 +383,16 @@ def test_forward_tuning_on_a_host_descriptor_stack_leaves_the_entry_its_own_conf
     older = GemmConfig(64, 64)
     assert "host_descriptors" in tune.forward_entry(entry, 1.8, MoEConfig(128, older, older), host=False)
     assert "host_descriptors" not in tune.forward_entry(entry, 1.8, MoEConfig(64, older, older), host=False)
+
+
+def test_variants_tried_beside_a_picked_config():
+    """benchmarks.variants times the picked tiles with TMA toggled and the extra tiles, each config once;
+    a picked config with host-built descriptors is tried with pointer loads, never as host_tma without tma."""
+    from benchmarks import variants
+    from jaxmoe.config import GemmConfig
+
+    for picked in (GemmConfig(256, 64, num_warps=8), GemmConfig(256, 64, num_warps=8, tma=True, host_tma=True)):
+        found = variants.variants(picked, "down", 128, tma_too=True)
+        assert found[0] == picked and len(set(found)) == len(found)
+        assert GemmConfig(256, 64, num_warps=8) in found
+        assert not any(c.host_tma and not c.tma for c in found)
