@@ -25,7 +25,7 @@ import numpy as np
 from jaxmoe import config as configs
 from jaxmoe import ops
 from jaxmoe.launch import host_descriptors_available
-from jaxmoe.ops.ffn import device_kind, picked_config
+from jaxmoe.ops.ffn import picked_config
 from benchmarks import shapes as shapes_lib
 from benchmarks.timing import time_fn
 from benchmarks.tune import Cell

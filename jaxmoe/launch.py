@@ -28,8 +28,8 @@ import functools
 import inspect
 import json
 import math
-import warnings
 import os
+import warnings
 from typing import Sequence
 
 import jax
