@@ -22,7 +22,8 @@ as a smoke test.
 On a stack that builds TMA descriptors on the host (jax-triton 0.4 with jaxlib 0.12) the forward sweep
 also tries host-built TMA tiles, keeps an existing entry's BLOCK_M, and writes its winners into the
 entry's "host_descriptors" object (jaxmoe/config.py): run on that stack, it tunes that stack's kernels
-and leaves the configs older stacks run as they were.
+and leaves the configs older stacks run as they were. --backward there writes dh, dx and dw into the
+same object, for the same reason.
 """
 
 from __future__ import annotations
@@ -233,11 +234,28 @@ def forward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> d
     if host:
         base = old or {**dataclasses.replace(cfg, gate_up=_without_host(cfg.gate_up),
                                              down=_without_host(cfg.down)).to_json(), "ms": round(ms, 4)}
-        return {**base, "host_descriptors": {"gate_up": dataclasses.asdict(cfg.gate_up),
+        return {**base, "host_descriptors": {**old.get("host_descriptors", {}),
+                                             "gate_up": dataclasses.asdict(cfg.gate_up),
                                              "down": dataclasses.asdict(cfg.down), "ms": round(ms, 4)}}
     same_blocks = old.get("block_m") == cfg.block_m
     kept = {f: old[f] for f in ("dh", "dx", "dw", "bwd_ms", "host_descriptors") if f in old and same_blocks}
     return {**cfg.to_json(), "ms": round(ms, 4), **kept}
+
+
+def backward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> dict:
+    """The table entry after a backward sweep found cfg's dh, dx and dw (ms in all) where it was old.
+
+    Only the backward fields change. On a stack with host-built descriptors they go into the entry's
+    "host_descriptors" object, beside the forward configs measured there: tiles timed against that
+    stack's compiler need not pay on older stacks, which keep the entry's own (or the heuristic's)."""
+    tuned = {f: cfg.to_json()[f] for f in ("dh", "dx", "dw")}
+    base = old or {f: value for f, value in cfg.to_json().items() if f in ("block_m", "gate_up", "down")}
+    if host:
+        if not old:  # the picked forward GEMMs may be host-built ones: the entry's own must not be
+            base = {**base, "gate_up": dataclasses.asdict(_without_host(cfg.gate_up)),
+                    "down": dataclasses.asdict(_without_host(cfg.down))}
+        return {**base, "host_descriptors": {**old.get("host_descriptors", {}), **tuned, "bwd_ms": round(ms, 4)}}
+    return {**base, **tuned, "bwd_ms": round(ms, 4)}
 
 
 def _without_host(gemm: configs.GemmConfig) -> configs.GemmConfig:
@@ -323,7 +341,7 @@ def main(argv=None) -> int:
         log("benchmarks.tune needs a GPU (or --mode interpret)")
         return 1
     device = configs.device_key(device_kind(args.mode))
-    host = args.mode == "triton" and host_descriptors_available() and not args.backward
+    host = args.mode == "triton" and host_descriptors_available()
     log(f"card: {device_kind(args.mode)} -> '{device}'"
         + ("; host-built TMA descriptors: winners go to the entries' host_descriptors" if host else ""))
     try:
@@ -353,11 +371,7 @@ def main(argv=None) -> int:
                 best = tune_backward(cell, args.min_time, args.limit)
                 if best is None:
                     continue
-                # Only the backward fields: on a stack with host-built descriptors the picked forward
-                # GEMMs are the entry's host_descriptors ones, which must not replace its own.
-                tuned = best[1].to_json()
-                table[key] = {**(old or tuned), **{f: tuned[f] for f in ("dh", "dx", "dw")},
-                              "bwd_ms": round(best[0], 4)}
+                table[key] = backward_entry(old, *best, host)
             else:
                 best = tune_cell(cell, args.min_time, args.limit, args.down_only,
                                  block_ms=[old["block_m"]] if host and old else None, host=host)

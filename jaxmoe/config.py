@@ -8,9 +8,11 @@ compiled once (the kernels take the token count at run time).
 
 `tuned_configs.json` is written by `python -m benchmarks.tune` on the GPU; keys are
 "<device>/<dtype>/E<E>/d<d>/f<f>/m<bucket>". An entry may hold a "host_descriptors" object: GEMM
-configs ("gate_up", "down") that replace the entry's own on a stack that builds TMA descriptors on the
-host (jax-triton 0.4 with jaxlib 0.12, launch.host_descriptors_available), where they were measured.
-The entry's own configs stay what older stacks run, so each stack keeps the kernels that pay on it.
+configs (any of "gate_up", "down", "dh", "dx", "dw") that replace the entry's own on a stack that builds
+TMA descriptors on the host (jax-triton 0.4 with jaxlib 0.12, launch.host_descriptors_available): the
+configs measured on that stack, host-built descriptors or not (the backward GEMMs use none; their tiles
+were tuned there). The entry's own configs stay what older stacks run, so each stack keeps the kernels
+that were measured on it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class MoEConfig:
     Table entries may carry extra keys (the tuner records the time it measured); they are ignored.
     """
 
-    HOST_FIELDS = ("gate_up", "down")  # what an entry's "host_descriptors" object may replace
+    HOST_FIELDS = ("gate_up", "down", "dh", "dx", "dw")  # what an entry's "host_descriptors" object may replace
 
     block_m: int
     gate_up: GemmConfig  # forward: x @ [W_gate | W_up] with the SwiGLU epilogue
@@ -77,7 +79,7 @@ class MoEConfig:
 
     @classmethod
     def from_json(cls, data: dict, host_descriptors: bool = False) -> "MoEConfig":
-        """An entry's config; with host_descriptors, its "host_descriptors" GEMMs in place of its own."""
+        """An entry's config; with host_descriptors, its "host_descriptors" configs in place of its own."""
         if host_descriptors:
             data = {**data, **{key: value for key, value in data.get("host_descriptors", {}).items()
                                if key in cls.HOST_FIELDS}}

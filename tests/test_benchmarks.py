@@ -385,6 +385,33 @@ def test_forward_tuning_on_a_host_descriptor_stack_leaves_the_entry_its_own_conf
     assert "host_descriptors" not in tune.forward_entry(entry, 1.8, MoEConfig(64, older, older), host=False)
 
 
+def test_backward_tuning_writes_per_stack_fields_only():
+    """benchmarks.tune --backward changes only dh, dx and dw. On a host-descriptor stack they go into the
+    entry's host_descriptors object (beside the forward configs measured there), so older stacks keep
+    the backward they ran; a later forward sweep on that stack keeps them."""
+    from benchmarks import tune
+    from jaxmoe.config import GemmConfig, MoEConfig, WeightGradConfig
+
+    pointer = GemmConfig(128, 64, num_warps=8)
+    host_down = GemmConfig(256, 64, num_warps=8, num_stages=4, tma=True, host_tma=True)
+    old = {**MoEConfig(128, pointer, pointer).to_json(), "ms": 2.0,
+           "host_descriptors": {"down": dataclasses.asdict(host_down), "ms": 1.9}}
+    dh, dx, dw = GemmConfig(64, 128, num_warps=4), GemmConfig(256, 64, num_warps=8), WeightGradConfig(256, 128)
+    tuned = MoEConfig(128, pointer, host_down, dh, dx, dw)  # the forward as the host stack picks it
+    entry = tune.backward_entry(old, 3.0, tuned, host=True)
+    assert MoEConfig.from_json(entry) == MoEConfig.from_json(old)  # older stacks: unchanged
+    assert MoEConfig.from_json(entry, host_descriptors=True) == tuned
+    after_forward = tune.forward_entry(entry, 1.8, MoEConfig(128, pointer, host_down), host=True)
+    assert MoEConfig.from_json(after_forward, host_descriptors=True) == tuned
+    new = tune.backward_entry({}, 3.0, tuned, host=True)  # no entry yet: its own GEMMs use no host descriptors
+    assert MoEConfig.from_json(new) == MoEConfig(128, pointer, GemmConfig(256, 64, num_warps=8, num_stages=4))
+    assert MoEConfig.from_json(new, host_descriptors=True) == dataclasses.replace(
+        tuned, gate_up=pointer, down=GemmConfig(256, 64, num_warps=8, num_stages=4))
+    plain = tune.backward_entry(old, 3.0, dataclasses.replace(tuned, down=pointer), host=False)
+    assert MoEConfig.from_json(plain) == dataclasses.replace(tuned, down=pointer)
+    assert plain["host_descriptors"] == old["host_descriptors"] and plain["bwd_ms"] == 3.0
+
+
 def test_variants_tried_beside_a_picked_config():
     """benchmarks.variants times the picked tiles with TMA toggled and the extra tiles, each config once;
     a picked config with host-built descriptors is tried with pointer loads, never as host_tma without tma."""
