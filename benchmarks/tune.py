@@ -11,7 +11,9 @@ times the gate+up GEMM and the down GEMM separately over a short list of tile sh
 also tiles of BLOCK_M/2 rows over the same row blocks, split_m=2), and keeps the
 BLOCK_M whose best pair (plus its dispatch) is fastest. Entries are keyed by device, dtype, E, d, f
 and the rows-per-expert bucket (see jaxmoe/config.py), so every T of a bucket shares an entry.
-Candidates that do not fit the card (shared memory) are reported and skipped.
+Candidates that do not fit the card (shared memory) are reported and skipped, and so are candidates
+whose outputs differ from the first candidate's by more than rounding (AGREE): the sweep times tile
+shapes it never checks otherwise, and a miscompiled one may well be the fastest.
 
 --backward keeps the forward config jaxmoe picks today (its BLOCK_M fixes the row blocks the dH and dX
 GEMMs walk) and times, from the forward's saved activations and a random dY, the dH GEMM, the dX GEMM
@@ -148,9 +150,13 @@ class Cell:
         return fn(self.x, self.w_gate, self.w_up, self.row_weights, disp)
 
     def dh(self, hgu, disp, block_m, gemm):
-        fn = jax.jit(lambda dy, wd, s, w, dp: gemm_ops.dh_gemm(
-            dy, wd, s, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm, precision="ieee", mode=self.mode))
-        return fn, (self.dy, self.w_down, hgu, self.row_weights, disp)
+        def fn(dy, wd, s, w, dp):  # (dgu, the routing weights' gradient terms): the planes per f tile summed,
+            # as the layer's combine does, so that candidates with other N tiles can be compared
+            dgu, dw_parts = gemm_ops.dh_gemm(dy, wd, s, w, dp, top_k=self.shape.k, block_m=block_m, gemm=gemm,
+                                             precision="ieee", mode=self.mode)
+            return dgu, dw_parts.sum(axis=0)
+
+        return jax.jit(fn), (self.dy, self.w_down, hgu, self.row_weights, disp)
 
     def dx(self, dgu, disp, block_m, gemm):
         fn = jax.jit(lambda g, wg, wu, w, dp: ops.grouped_gemm(
@@ -177,14 +183,41 @@ def _time(fn, args, min_time_s) -> float:
     return time_fn(fn, [args], min_time_s=min_time_s, sync_each=False).ms
 
 
+# Outputs of two candidates for one GEMM differ only by the order of their float32 sums (K tiles, split-K)
+# and one bf16 rounding of the stored values: about 4e-3 normalised at bf16. A tile shape that miscompiles
+# misses by far more.
+AGREE = 2e-2
+
+
+def disagreement(out, first) -> float:
+    """Largest normalised error, ||a - b|| / ||b||, over the arrays of two candidates' outputs (NaN
+    anywhere makes it NaN, which no comparison passes)."""
+    def summed(a, like):  # a split-K candidate's [split_k, n, N] partial sums, added up as the combine does
+        a = jnp.asarray(a, jnp.float32)
+        return a.sum(axis=0) if a.ndim == jnp.ndim(like) + 1 else a
+
+    errors = [jnp.linalg.norm(summed(a, b) - summed(b, a)) / jnp.maximum(jnp.linalg.norm(summed(b, a)), 1e-30)
+              for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(first))]
+    return float(jnp.max(jnp.stack(errors)))  # jnp.max keeps a NaN (Python's max would drop it)
+
+
 def best_gemm(make, candidates, min_time_s):
-    best = None
+    """(ms, candidate) of the fastest candidate whose outputs agree with the first one that ran: the
+    table must never ship a tile shape that is fast because it computes something else."""
+    best, first = None, None
     for gemm in candidates:
         fn, args = make(gemm)
         try:
+            out = fn(*args)
             ms = _time(fn, args, min_time_s)
         except Exception as err:  # typically: out of shared memory for this tile shape
             log(f"      skip {gemm}: {str(err).splitlines()[0][:120]}")
+            continue
+        if first is None:
+            first = out
+        elif not disagreement(out, first) <= AGREE:
+            log(f"      skip {gemm}: its outputs differ from the first candidate's "
+                f"(normalised error {disagreement(out, first):.3g})")
             continue
         log(f"      {ms:8.4f} ms  {gemm}")
         if best is None or ms < best[0]:

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import sys
+import unittest.mock
 from pathlib import Path
 
 import jax
@@ -208,6 +209,28 @@ def test_backward_tuner_runs_in_the_interpreter(tmp_path):
     (entry,) = json.loads(out.read_text()).values()
     cfg = config.MoEConfig.from_json(entry)
     assert cfg.dh is not None and cfg.dx is not None and cfg.dw is not None and entry["bwd_ms"] > 0
+
+
+def test_tuner_skips_a_candidate_whose_outputs_differ(capsys):
+    """benchmarks.tune keeps only candidates whose outputs agree with the first one that ran: a faster
+    candidate that computes something else (a miscompiled tile shape) is skipped, and says so; a NaN
+    counts as a difference."""
+    from benchmarks import tune
+
+    x = jnp.linspace(1.0, 2.0, 64, dtype=jnp.float32)
+    outputs = {"right": lambda a: (a * 2, a.sum()), "rounded": lambda a: (a * 2 * (1 + 1e-3), a.sum()),
+               "wrong": lambda a: (a * 3, a.sum()), "nan": lambda a: (a * 2, a.sum() * jnp.nan),
+               "split_k": lambda a: (jnp.stack([a, a]), a.sum())}  # partial sums, added up: right
+    times = {"right": 2.0, "rounded": 1.5, "wrong": 1.0, "nan": 0.5, "split_k": 1.8}
+
+    def make(name):
+        return outputs[name], (x,)
+
+    with unittest.mock.patch.object(tune, "_time", lambda fn, args, min_time_s: times[
+            next(n for n, f in outputs.items() if f is fn)]):
+        assert tune.best_gemm(make, ["right", "wrong", "split_k", "rounded", "nan"], 0.01) == (1.5, "rounded")
+    log = capsys.readouterr().out
+    assert "skip wrong" in log and "skip nan" in log and "skip rounded" not in log and "skip split_k" not in log
 
 
 def test_stage_timing_runs_in_the_interpreter(capsys):
