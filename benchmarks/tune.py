@@ -303,16 +303,20 @@ def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
     disp = jax.jit(lambda ids: ops.dispatch(ids.reshape(-1), s.E, cfg.block_m, cell.mode))(cell.ids)
     hgu = cell.saved_activations(disp, cfg.block_m, cfg.gate_up)
     cut = slice(0, limit)
+    # Neither backward GEMM reads through TMA descriptors (dH's kernel has no such path; dX's weights are
+    # read transposed and concatenated, which the descriptors' view does not cover: gemm._tma_fits), so
+    # a TMA candidate would time the same kernel again and could win on noise alone.
+    pointer = [g for g in gemm_candidates(cfg.block_m, False, s.d) if not g.tma]
     log(f"    BLOCK_M={cfg.block_m} (the forward's); dh:")
-    dh = best_gemm(lambda g: cell.dh(hgu, disp, cfg.block_m, g),
-                   [g for g in gemm_candidates(cfg.block_m, False, s.d) if g.split_k == 1][cut], min_time_s)
+    dh = best_gemm(lambda g: cell.dh(hgu, disp, cfg.block_m, g), [g for g in pointer if g.split_k == 1][cut],
+                   min_time_s)
     if dh is None:
         return None
     fn, args = cell.dh(hgu, disp, cfg.block_m, dh[1])
     dgu, _ = fn(*args)
     log("    dx:")
-    dx = best_gemm(lambda g: cell.dx(dgu, disp, cfg.block_m, g), gemm_candidates(cfg.block_m, False, s.f)[cut],
-                   min_time_s)
+    dx = best_gemm(lambda g: cell.dx(dgu, disp, cfg.block_m, g),
+                   [g for g in gemm_candidates(cfg.block_m, False, s.f) if not g.tma][cut], min_time_s)
     log("    dw:")
     dw = best_gemm(lambda c: cell.dw(hgu, dgu, disp, c),
                    [configs.WeightGradConfig(*c) for c in WEIGHT_GRAD][cut], min_time_s)

@@ -90,3 +90,13 @@ def test_host_descriptor_configs_apply_only_where_asked(tmp_path, monkeypatch):
         assert {cfg.down for _, cfg in config.shipped_configs(["h100"])} >= {plain.down, host.down}
     finally:
         config._table.cache_clear()
+
+
+def test_table_backward_configs_say_what_runs():
+    """No table entry asks dH or dX for TMA descriptors: neither runs them (gemm._tma_fits), so such a
+    flag would only describe a kernel that never ran, and a tuner that tried it timed one kernel twice."""
+    entries = json.loads(config.TABLE_PATH.read_text())
+    for key, entry in entries.items():
+        for fields in (entry, entry.get("host_descriptors", {})):
+            for name in ("dh", "dx"):
+                assert not fields.get(name, {}).get("tma"), (key, name)
