@@ -215,9 +215,8 @@ def best_gemm(make, candidates, min_time_s):
             continue
         if first is None:
             first = out
-        elif not disagreement(out, first) <= AGREE:
-            log(f"      skip {gemm}: its outputs differ from the first candidate's "
-                f"(normalised error {disagreement(out, first):.3g})")
+        elif not (error := disagreement(out, first)) <= AGREE:
+            log(f"      skip {gemm}: its outputs differ from the first candidate's (normalised error {error:.3g})")
             continue
         log(f"      {ms:8.4f} ms  {gemm}")
         if best is None or ms < best[0]:
@@ -265,8 +264,7 @@ def forward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> d
     "host_descriptors" object (jaxmoe/config.py), leaving its own configs to older stacks; a new entry
     gets cfg without host-built descriptors as its own."""
     if host:
-        base = old or {**dataclasses.replace(cfg, gate_up=_without_host(cfg.gate_up),
-                                             down=_without_host(cfg.down)).to_json(), "ms": round(ms, 4)}
+        base = old or {**_for_older_stacks(cfg).to_json(), "ms": round(ms, 4)}
         return {**base, "host_descriptors": {**old.get("host_descriptors", {}),
                                              "gate_up": dataclasses.asdict(cfg.gate_up),
                                              "down": dataclasses.asdict(cfg.down), "ms": round(ms, 4)}}
@@ -281,12 +279,11 @@ def backward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> 
     Only the backward fields change. On a stack with host-built descriptors they go into the entry's
     "host_descriptors" object, beside the forward configs measured there: tiles timed against that
     stack's compiler need not pay on older stacks, which keep the entry's own (or the heuristic's)."""
-    tuned = {f: cfg.to_json()[f] for f in ("dh", "dx", "dw")}
-    base = old or {f: value for f, value in cfg.to_json().items() if f in ("block_m", "gate_up", "down")}
+    tuned = {f: value for f, value in cfg.to_json().items() if f in ("dh", "dx", "dw")}
+    # A new entry's own forward: the picked one, which on a host stack may hold host-built GEMMs.
+    base = old or {f: value for f, value in _for_older_stacks(cfg).to_json().items()
+                   if f in ("block_m", "gate_up", "down")}
     if host:
-        if not old:  # the picked forward GEMMs may be host-built ones: the entry's own must not be
-            base = {**base, "gate_up": dataclasses.asdict(_without_host(cfg.gate_up)),
-                    "down": dataclasses.asdict(_without_host(cfg.down))}
         return {**base, "host_descriptors": {**old.get("host_descriptors", {}), **tuned, "bwd_ms": round(ms, 4)}}
     return {**base, **tuned, "bwd_ms": round(ms, 4)}
 
@@ -294,6 +291,11 @@ def backward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> 
 def _without_host(gemm: configs.GemmConfig) -> configs.GemmConfig:
     """gemm as a stack without host-built descriptors should run it: pointer loads in place of them."""
     return dataclasses.replace(gemm, tma=False, host_tma=False) if gemm.host_tma else gemm
+
+
+def _for_older_stacks(cfg: configs.MoEConfig) -> configs.MoEConfig:
+    """cfg with its forward GEMMs as _without_host gives them."""
+    return dataclasses.replace(cfg, gate_up=_without_host(cfg.gate_up), down=_without_host(cfg.down))
 
 
 def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
@@ -306,17 +308,18 @@ def tune_backward(cell: Cell, min_time_s: float, limit: int | None = None):
     # Neither backward GEMM reads through TMA descriptors (dH's kernel has no such path; dX's weights are
     # read transposed and concatenated, which the descriptors' view does not cover: gemm._tma_fits), so
     # a TMA candidate would time the same kernel again and could win on noise alone.
-    pointer = [g for g in gemm_candidates(cfg.block_m, False, s.d) if not g.tma]
+    def pointer(K):
+        return [g for g in gemm_candidates(cfg.block_m, False, K) if not g.tma]
+
     log(f"    BLOCK_M={cfg.block_m} (the forward's); dh:")
-    dh = best_gemm(lambda g: cell.dh(hgu, disp, cfg.block_m, g), [g for g in pointer if g.split_k == 1][cut],
+    dh = best_gemm(lambda g: cell.dh(hgu, disp, cfg.block_m, g), [g for g in pointer(s.d) if g.split_k == 1][cut],
                    min_time_s)
     if dh is None:
         return None
     fn, args = cell.dh(hgu, disp, cfg.block_m, dh[1])
     dgu, _ = fn(*args)
     log("    dx:")
-    dx = best_gemm(lambda g: cell.dx(dgu, disp, cfg.block_m, g),
-                   [g for g in gemm_candidates(cfg.block_m, False, s.f) if not g.tma][cut], min_time_s)
+    dx = best_gemm(lambda g: cell.dx(dgu, disp, cfg.block_m, g), pointer(s.f)[cut], min_time_s)
     log("    dw:")
     dw = best_gemm(lambda c: cell.dw(hgu, dgu, disp, c),
                    [configs.WeightGradConfig(*c) for c in WEIGHT_GRAD][cut], min_time_s)
