@@ -265,8 +265,10 @@ def forward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> d
     gets cfg without host-built descriptors as its own."""
     if host:
         base = old or {**_for_older_stacks(cfg).to_json(), "ms": round(ms, 4)}
-        return {**base, "host_descriptors": {**old.get("host_descriptors", {}),
-                                             "gate_up": dataclasses.asdict(cfg.gate_up),
+        # Earlier host-descriptor GEMMs, timed by other tools (their notes: down_ms, measured), give way;
+        # the backward's fields and its time stay.
+        kept = {f: v for f, v in old.get("host_descriptors", {}).items() if f in ("dh", "dx", "dw", "bwd_ms")}
+        return {**base, "host_descriptors": {**kept, "gate_up": dataclasses.asdict(cfg.gate_up),
                                              "down": dataclasses.asdict(cfg.down), "ms": round(ms, 4)}}
     same_blocks = old.get("block_m") == cfg.block_m
     kept = {f: old[f] for f in ("dh", "dx", "dw", "bwd_ms", "host_descriptors") if f in old and same_blocks}

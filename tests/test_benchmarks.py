@@ -400,6 +400,11 @@ def test_forward_tuning_on_a_host_descriptor_stack_leaves_the_entry_its_own_conf
     assert {k: v for k, v in entry.items() if k != "host_descriptors"} == old
     assert MoEConfig.from_json(entry) == MoEConfig.from_json(old)
     assert MoEConfig.from_json(entry, host_descriptors=True) == MoEConfig(128, pointer, host_down, dh=pointer)
+    # Notes of a GEMM timed by another tool go with the GEMM they timed; the backward's fields stay.
+    noted = {**old, "host_descriptors": {"down": dataclasses.asdict(pointer), "down_ms": 0.8, "measured": "...",
+                                         "dx": dataclasses.asdict(pointer), "bwd_ms": 3.0}}
+    retuned = tune.forward_entry(noted, 1.5, MoEConfig(128, pointer, host_down), host=True)["host_descriptors"]
+    assert sorted(retuned) == ["bwd_ms", "down", "dx", "gate_up", "ms"] and retuned["down"]["host_tma"]
     new = tune.forward_entry({}, 1.5, MoEConfig(128, pointer, host_down), host=True)  # no entry yet
     assert MoEConfig.from_json(new).down == GemmConfig(256, 64, num_warps=8, num_stages=4)
     assert MoEConfig.from_json(new, host_descriptors=True).down == host_down
