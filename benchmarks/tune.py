@@ -255,6 +255,10 @@ def tune_cell(cell: Cell, min_time_s: float, limit: int | None = None, down_only
     return min(results, key=lambda r: r[0]) if results else None
 
 
+# The backward GEMMs' fields of a table entry (jaxmoe/config.py, MoEConfig)
+BACKWARD_FIELDS = ("dh", "dx", "dw")
+
+
 def forward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> dict:
     """The table entry after a forward sweep found cfg (ms) where the entry was old ({} if none).
 
@@ -267,11 +271,11 @@ def forward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> d
         base = old or {**_for_older_stacks(cfg).to_json(), "ms": round(ms, 4)}
         # Earlier host-descriptor GEMMs, timed by other tools (their notes: down_ms, measured), give way;
         # the backward's fields and its time stay.
-        kept = {f: v for f, v in old.get("host_descriptors", {}).items() if f in ("dh", "dx", "dw", "bwd_ms")}
+        kept = {f: v for f, v in old.get("host_descriptors", {}).items() if f in (*BACKWARD_FIELDS, "bwd_ms")}
         return {**base, "host_descriptors": {**kept, "gate_up": dataclasses.asdict(cfg.gate_up),
                                              "down": dataclasses.asdict(cfg.down), "ms": round(ms, 4)}}
     same_blocks = old.get("block_m") == cfg.block_m
-    kept = {f: old[f] for f in ("dh", "dx", "dw", "bwd_ms", "host_descriptors") if f in old and same_blocks}
+    kept = {f: old[f] for f in (*BACKWARD_FIELDS, "bwd_ms", "host_descriptors") if f in old and same_blocks}
     return {**cfg.to_json(), "ms": round(ms, 4), **kept}
 
 
@@ -281,7 +285,7 @@ def backward_entry(old: dict, ms: float, cfg: configs.MoEConfig, host: bool) -> 
     Only the backward fields change. On a stack with host-built descriptors they go into the entry's
     "host_descriptors" object, beside the forward configs measured there: tiles timed against that
     stack's compiler need not pay on older stacks, which keep the entry's own (or the heuristic's)."""
-    tuned = {f: value for f, value in cfg.to_json().items() if f in ("dh", "dx", "dw")}
+    tuned = {f: value for f, value in cfg.to_json().items() if f in BACKWARD_FIELDS}
     # A new entry's own forward: the picked one, which on a host stack may hold host-built GEMMs.
     base = old or {f: value for f, value in _for_older_stacks(cfg).to_json().items()
                    if f in ("block_m", "gate_up", "down")}
